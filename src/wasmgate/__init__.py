@@ -1,0 +1,1 @@
+"""wasmgate: a Proxy-Wasm plugin host in Python."""
