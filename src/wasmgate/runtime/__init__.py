@@ -1,0 +1,1 @@
+"""Proxy-Wasm runtime: loading, instantiating and running plugins."""

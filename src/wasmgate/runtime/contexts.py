@@ -1,0 +1,125 @@
+"""Context state: what each Proxy-Wasm context id refers to, and what it can see now.
+
+Envoy's visibility rules are kept: a header map is readable and writable while its callback
+(or a pause it asked for) holds it; after the stream continued past it, reads answer
+BAD_ARGUMENT and pairs come back empty; in on_log everything is readable and nothing writable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .serde import Pairs
+
+
+class Phase(Enum):
+    """Where a stream is, for map/buffer availability."""
+
+    CREATED = "created"
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    REQUEST_TRAILERS = "request_trailers"
+    RESPONSE_HEADERS = "response_headers"
+    RESPONSE_BODY = "response_body"
+    RESPONSE_TRAILERS = "response_trailers"
+    LOG = "log"
+    DONE = "done"
+
+
+@dataclass
+class LocalResponse:
+    """A `proxy_send_local_response` (applied after the callback returns, as Envoy defers it)."""
+
+    status: int
+    body: bytes
+    headers: Pairs
+    details: str
+    grpc_status: int | None = None
+
+
+@dataclass
+class HeaderSlot:
+    """One header/trailer map and whether the plugin may see and change it right now."""
+
+    pairs: Pairs | None = None
+    readable: bool = False
+    writable: bool = False
+
+    def open(self, pairs: Pairs) -> None:
+        self.pairs, self.readable, self.writable = pairs, True, True
+
+    def close(self) -> None:
+        self.readable = self.writable = False
+
+
+@dataclass
+class BodySlot:
+    """The body bytes the current (or buffering) callback sees."""
+
+    data: bytearray = field(default_factory=bytearray)
+    readable: bool = False
+    end_of_stream: bool = False
+
+
+class Context:
+    """Base for every context id in a VM."""
+
+    kind = "context"
+
+    def __init__(self, context_id: int) -> None:
+        self.id = context_id
+        self.deleted = False
+
+    @property
+    def is_root(self) -> bool:
+        return False
+
+
+class RootContext(Context):
+    """One per plugin: vm_start, configure, ticks, queues, call responses."""
+
+    kind = "root"
+
+    def __init__(self, context_id: int) -> None:
+        super().__init__(context_id)
+        self.tick_period_ms = 0
+        self.status: tuple[int, bytes] = (0, b"")  # proxy_get_status
+        self.call_headers: HeaderSlot = HeaderSlot()
+        self.call_trailers: HeaderSlot = HeaderSlot()
+        self.call_body: bytes | None = None
+        self.grpc_initial: HeaderSlot = HeaderSlot()
+        self.grpc_trailing: HeaderSlot = HeaderSlot()
+        self.grpc_message: bytes | None = None
+        self.redis_response: bytes | None = None
+        self.call_data: bytes | None = None  # foreign function arguments
+        self.done_pending = False
+
+    @property
+    def is_root(self) -> bool:
+        return True
+
+
+class HttpContextState(Context):
+    """One per HTTP stream: the maps and bodies the plugin sees, and what it asked for."""
+
+    kind = "http"
+
+    def __init__(self, context_id: int, root: RootContext) -> None:
+        super().__init__(context_id)
+        self.root = root
+        self.phase = Phase.CREATED
+        self.request_headers = HeaderSlot()
+        self.request_trailers = HeaderSlot()
+        self.response_headers = HeaderSlot()
+        self.response_trailers = HeaderSlot()
+        self.request_body = BodySlot()
+        self.response_body = BodySlot()
+        self.local_response: LocalResponse | None = None
+        self.continue_request = False
+        self.continue_response = False
+        self.closed = False
+        self.filter_state: dict[bytes, bytes] = {}
+        self.attributes: dict[str, object] = {}  # request.* etc. provided by the embedder
+        self.upstream_override: bytes | None = None
+        self.handle: object = None  # the HttpContext driving this state

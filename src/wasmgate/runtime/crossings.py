@@ -1,0 +1,300 @@
+"""Fast Python<->Wasm crossings on wasmtime's unchecked C API.
+
+Why hand-written: wasmtime-py's `Func.__call__` and `define_func` cost 6-26 us per crossing
+(each call rebuilds the FuncType and converts every value through `Val`). A Proxy-Wasm request
+makes 10-30 crossings, so this module talks to the C API directly through ctypes prototypes of
+our own (`wasmtime_func_call_unchecked`, `wasmtime_linker_define_func_unchecked`) with
+`void*`-typed arguments, which measured 0.3-2.5 us.
+
+This is the only module that touches wasmtime-py's private bindings (`_bindings.dll`, the
+`_func`/`_memory` structs); `wasmtime` is pinned exactly and `tests/unit/test_crossings.py`
+checks the layer against that pin.
+
+Rules the layer enforces:
+- An exception escaping a raw ctypes callback would be printed and the callback would return 0,
+  i.e. success. `RawHostFunction` catches `BaseException`, keeps it, and returns a trap.
+- Linear memory can move whenever the guest runs: `MemoryAccess` re-reads base and size on
+  every access and never keeps a view across a guest call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable
+from ctypes import POINTER, c_char_p, c_int32, c_size_t, c_uint32, c_uint64, c_void_p, cast
+
+import wasmtime
+from wasmtime import _bindings as _b
+from wasmtime import _ffi as _ffi_types
+
+from .abi import Status
+
+_dll = _b.dll
+
+RAW_CALLBACK = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
+_FINALIZER = ctypes.CFUNCTYPE(None, c_void_p)
+
+_define_func_unchecked = ctypes.CFUNCTYPE(
+    c_void_p, c_void_p, c_char_p, c_size_t, c_char_p, c_size_t, c_void_p, RAW_CALLBACK,
+    c_void_p, _FINALIZER,
+)(("wasmtime_linker_define_func_unchecked", _dll))
+_func_call_unchecked = ctypes.CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p)(
+    ("wasmtime_func_call_unchecked", _dll)
+)
+_caller_context = ctypes.CFUNCTYPE(c_void_p, c_void_p)(("wasmtime_caller_context", _dll))
+_memory_data = ctypes.CFUNCTYPE(c_void_p, c_void_p, c_void_p)(("wasmtime_memory_data", _dll))
+_memory_data_size = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p)(
+    ("wasmtime_memory_data_size", _dll)
+)
+_trap_new = ctypes.CFUNCTYPE(c_void_p, c_char_p, c_size_t)(("wasmtime_trap_new", _dll))
+_set_epoch_deadline = ctypes.CFUNCTYPE(None, c_void_p, c_uint64)(
+    ("wasmtime_context_set_epoch_deadline", _dll)
+)
+_NULL_FINALIZER = ctypes.cast(None, _FINALIZER)
+
+_VALTYPES = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64,
+             "f32": wasmtime.ValType.f32, "f64": wasmtime.ValType.f64}
+_SLOT = {"i32": "I12x", "i64": "Q8x", "f32": "f12x", "f64": "d8x"}
+_SLOT_SIGNED = {"i32": "i12x", "i64": "q8x", "f32": "f12x", "f64": "d8x"}
+_MASK = {"i32": 0xFFFFFFFF, "i64": 0xFFFFFFFFFFFFFFFF}
+
+
+def slot_format(types: tuple[str, ...], signed: bool = False) -> struct.Struct:
+    """Struct over `wasmtime_val_raw_t` slots (16 bytes each) holding `types`."""
+    slots = _SLOT_SIGNED if signed else _SLOT
+    return struct.Struct("<" + "".join(slots[t] for t in types))
+
+
+def context_address(store: wasmtime.Store) -> int:
+    return cast(store._context(), c_void_p).value or 0
+
+
+class StatusError(Exception):
+    """Raised inside a host function to return a Proxy-Wasm status instead of trapping."""
+
+    def __init__(self, status: Status, why: str = "") -> None:
+        self.status = status
+        super().__init__(f"{status.name}: {why}" if why else status.name)
+
+
+class CallerState:
+    """Which wasmtime context host functions run in right now (a stack: calls nest), and the
+    memory base/size cached for the current host call (`base < 0`: stale, re-read)."""
+
+    __slots__ = ("base", "caller", "size", "store_context")
+
+    def __init__(self, store_context: int) -> None:
+        self.store_context = store_context
+        self.caller: int | None = None
+        self.base = -1
+        self.size = 0
+
+    def context(self) -> int:
+        caller = self.caller
+        return _caller_context(caller) if caller else self.store_context
+
+
+class MemoryAccess:
+    """Bounds-checked reads and writes of a guest's linear memory.
+
+    Base and size are fetched on every access: the memory may grow (and move) whenever the
+    guest runs, including inside its allocator during one of our host calls.
+    """
+
+    __slots__ = ("_memory", "_memory_address", "_state")
+
+    def __init__(self, memory: wasmtime.Memory, state: CallerState) -> None:
+        self._memory = memory  # keeps the struct alive
+        self._memory_address = ctypes.addressof(memory._memory)
+        self._state = state
+
+    def _span(self, ptr: int, length: int) -> int:
+        state = self._state
+        if state.base < 0:
+            ctx = state.context()
+            state.size = _memory_data_size(ctx, self._memory_address)
+            state.base = _memory_data(ctx, self._memory_address) or 0
+        if ptr < 0 or length < 0 or ptr + length > state.size:
+            raise StatusError(Status.INVALID_MEMORY_ACCESS,
+                              f"[{ptr}, +{length}) beyond {state.size}")
+        return state.base + ptr
+
+    def size(self) -> int:
+        self._span(0, 0)
+        return self._state.size
+
+    def read(self, ptr: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        return ctypes.string_at(self._span(ptr, length), length)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        if data:
+            ctypes.memmove(self._span(ptr, len(data)), data, len(data))
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        c_uint32.from_address(self._span(ptr, 4)).value = value & 0xFFFFFFFF
+
+    def write_u64(self, ptr: int, value: int) -> None:
+        c_uint64.from_address(self._span(ptr, 8)).value = value & 0xFFFFFFFFFFFFFFFF
+
+    def read_u32(self, ptr: int) -> int:
+        return c_uint32.from_address(self._span(ptr, 4)).value
+
+    def check(self, ptr: int, length: int) -> None:
+        self._span(ptr, length)
+
+
+class GuestCallError(Exception):
+    """A guest call ended in a trap or a wasmtime error; `trap` holds the details."""
+
+    def __init__(self, trap: wasmtime.Trap | None, error: wasmtime.WasmtimeError | None) -> None:
+        self.trap = trap
+        self.error = error
+        super().__init__(trap.message if trap is not None else str(error))
+
+
+class GuestFunction:
+    """A guest export called through `wasmtime_func_call_unchecked`.
+
+    The caller passes the context to call in: the store's at the top level, the current
+    caller's when a host function re-enters the guest (its allocator).
+    """
+
+    __slots__ = ("_addr", "_buf", "_buf_addr", "_depth", "_func", "_n", "_pack", "_trap",
+                 "_trap_addr", "has_result", "name", "params", "results")
+
+    def __init__(self, name: str, func: wasmtime.Func, params: tuple[str, ...],
+                 results: tuple[str, ...]) -> None:
+        self.name, self.params, self.results = name, params, results
+        self.has_result = bool(results)
+        self._func = func
+        self._addr = ctypes.addressof(func._func)
+        self._n = max(len(params), len(results))
+        self._buf = (ctypes.c_uint8 * (16 * max(self._n, 1)))()
+        self._buf_addr = ctypes.addressof(self._buf)
+        self._pack = slot_format(params).pack_into
+        self._trap = c_void_p()
+        self._trap_addr = ctypes.addressof(self._trap)
+        self._depth = 0
+
+    def call(self, context: int, args: tuple[int, ...]) -> int | None:
+        if self._depth:  # the same export re-entered through a host call: own buffers
+            return self._call_with(context, args, (ctypes.c_uint8 * len(self._buf))(), c_void_p())
+        return self._call_with(context, args, self._buf, self._trap)
+
+    def _call_with(self, context: int, args: tuple[int, ...], buf: ctypes.Array[ctypes.c_uint8],
+                   trap: c_void_p) -> int | None:
+        try:
+            self._pack(buf, 0, *args)
+        except struct.error:  # negative or oversized ints: wrap as the wasm types do
+            self._pack(buf, 0, *[a & _MASK[t] for a, t in zip(args, self.params, strict=True)])
+        buf_addr = ctypes.addressof(buf)
+        trap.value = None
+        self._depth += 1
+        error = _func_call_unchecked(context, self._addr, buf_addr, self._n,
+                                     ctypes.addressof(trap))
+        self._depth -= 1
+        if error or trap.value:
+            raise _guest_error(error, trap.value)
+        if not self.has_result:
+            return None
+        if self.results[0] == "i64":
+            return ctypes.c_int64.from_address(buf_addr).value
+        return c_int32.from_address(buf_addr).value
+
+
+def _guest_error(error: int | None, trap: int | None) -> GuestCallError:
+    if trap:
+        ptr = cast(trap, POINTER(_ffi_types.wasm_trap_t))
+        return GuestCallError(wasmtime.Trap._from_ptr(ptr), None)
+    ptr = cast(error, POINTER(_ffi_types.wasmtime_error_t))
+    return GuestCallError(None, wasmtime.WasmtimeError._from_ptr(ptr))
+
+
+def set_epoch_deadline(context: int, ticks: int) -> None:
+    _set_epoch_deadline(context, ticks)
+
+
+HostImpl = Callable[..., int | None]
+
+
+class Tracer:
+    """Receives every crossing while `enabled` (the ABI trace); off costs one attribute read."""
+
+    enabled: bool = False
+
+    def host_call(self, qualname: str, args: tuple[int, ...]) -> None: ...
+
+    def host_return(self, qualname: str, result: int | None) -> None: ...
+
+
+class RawHostFunction:
+    """One host function bound into a linker as an unchecked raw callback.
+
+    `impl(*args)` gets the i32/i64 parameters as Python ints (i32 unsigned) and returns the
+    i32 result (or None for a void function). `StatusError` becomes that status; any other
+    exception is handed to `on_exception` and the guest sees a trap.
+    """
+
+    def __init__(self, module: str, name: str, params: tuple[str, ...],
+                 results: tuple[str, ...], impl: HostImpl, state: CallerState,
+                 on_exception: Callable[[str, BaseException], bytes],
+                 tracer: Tracer | None = None) -> None:
+        self.module, self.name, self.params, self.results = module, name, params, results
+        self.qualname = f"{module}.{name}"
+        self.callback = RAW_CALLBACK(self._make_callback(impl, state, on_exception, tracer))
+
+    def functype(self) -> wasmtime.FuncType:
+        return wasmtime.FuncType([_VALTYPES[t]() for t in self.params],
+                                 [_VALTYPES[t]() for t in self.results])
+
+    def define(self, linker: wasmtime.Linker) -> None:
+        functype = self.functype()
+        module, name = self.module.encode(), self.name.encode()
+        linker_ptr = cast(linker.ptr(), c_void_p).value
+        type_ptr = cast(functype.ptr(), c_void_p).value
+        error = _define_func_unchecked(linker_ptr, module, len(module), name, len(name),
+                                       type_ptr, self.callback, None, _NULL_FINALIZER)
+        if error:
+            ptr = cast(error, POINTER(_ffi_types.wasmtime_error_t))
+            raise wasmtime.WasmtimeError._from_ptr(ptr)
+
+    def _make_callback(self, impl: HostImpl, state: CallerState,
+                       on_exception: Callable[[str, BaseException], bytes],
+                       tracer: Tracer | None) -> Callable[[int, int, int, int], int]:
+        nargs = len(self.params)
+        unpack = slot_format(self.params).unpack_from if nargs else None
+        width = 16 * max(nargs, len(self.results), 1)
+        returns = bool(self.results)
+        qualname = self.qualname
+        string_at = ctypes.string_at
+        write_result = c_uint32.from_address
+
+        def callback(_env: int, caller: int, args: int, _n: int) -> int:
+            previous = state.caller
+            state.caller = caller
+            state.base = -1
+            try:
+                values = unpack(string_at(args, width)) if unpack else ()
+                tracing = tracer is not None and tracer.enabled
+                if tracing:
+                    tracer.host_call(qualname, values)
+                try:
+                    result = impl(*values)
+                except StatusError as status:
+                    result = int(status.status)
+                if tracing:
+                    tracer.host_return(qualname, result)
+                if returns:
+                    write_result(args).value = (result or 0) & 0xFFFFFFFF
+                return 0
+            except BaseException as exc:  # noqa: BLE001 - every escape must become a trap
+                message = on_exception(qualname, exc)
+                return _trap_new(message, len(message)) or 0
+            finally:
+                state.caller = previous
+                state.base = -1
+
+        return callback

@@ -1,0 +1,81 @@
+"""The one shared wasmtime Engine, its settings, and the epoch ticker behind CPU deadlines.
+
+Every VM of the process shares one Engine, so compiled modules are shared and the precompiled
+cache key (wasmtime version + these settings) is one value. CPU deadlines use epoch
+interruption: a daemon thread bumps the engine's epoch every `EPOCH_TICK_SECONDS`; a guest call
+gets a deadline of N ticks and traps with `interrupt` once it passes. Guest calls release the
+GIL (ctypes), so the ticker runs even while a plugin spins.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import wasmtime
+
+EPOCH_TICK_SECONDS = 0.01
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Settings that change compiled code: part of the precompiled-module cache key."""
+
+    cranelift_opt_level: str = "speed"
+    parallel_compilation: bool = True
+    epoch_interruption: bool = True
+
+    def cache_key(self) -> str:
+        return (f"wasmtime-{wasmtime_version()}-opt={self.cranelift_opt_level}"
+                f"-epoch={int(self.epoch_interruption)}")
+
+
+def wasmtime_version() -> str:
+    from importlib.metadata import version
+
+    return version("wasmtime")
+
+
+_engine: wasmtime.Engine | None = None
+_engine_settings: EngineSettings | None = None
+_lock = threading.Lock()
+_ticker: threading.Thread | None = None
+
+
+def shared_engine(settings: EngineSettings | None = None) -> wasmtime.Engine:
+    """Return the process-wide Engine, creating it (and the epoch ticker) on first use."""
+    global _engine, _engine_settings
+    with _lock:
+        if _engine is None:
+            _engine_settings = settings or EngineSettings()
+            config = wasmtime.Config()
+            config.epoch_interruption = _engine_settings.epoch_interruption
+            config.cranelift_opt_level = _engine_settings.cranelift_opt_level
+            config.parallel_compilation = _engine_settings.parallel_compilation
+            _engine = wasmtime.Engine(config)
+            _start_ticker(_engine)
+        return _engine
+
+
+def engine_settings() -> EngineSettings:
+    shared_engine()
+    assert _engine_settings is not None
+    return _engine_settings
+
+
+def _start_ticker(engine: wasmtime.Engine) -> None:
+    global _ticker
+
+    def tick() -> None:
+        while True:
+            time.sleep(EPOCH_TICK_SECONDS)
+            engine.increment_epoch()
+
+    _ticker = threading.Thread(target=tick, name="wasmgate-epoch", daemon=True)
+    _ticker.start()
+
+
+def ticks_for(seconds: float) -> int:
+    """Epoch ticks that make up `seconds` (at least one)."""
+    return max(1, round(seconds / EPOCH_TICK_SECONDS))

@@ -1,0 +1,57 @@
+"""The Proxy-Wasm serialized pairs format (headers, metadata, map-typed properties).
+
+Layout: u32 count; count x (u32 key_len, u32 value_len); then each key NUL value NUL.
+Parsing follows proxy-wasm-cpp-host: any size mismatch yields an empty map, not an error.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from .abi import MAX_PAIRS, MAX_PAIRS_BYTES
+
+Pairs = list[tuple[bytes, bytes]]
+
+
+def serialize_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    items = list(pairs)
+    if not items:
+        return b""
+    sizes = b"".join(struct.pack("<II", len(k), len(v)) for k, v in items)
+    data = b"".join(k + b"\0" + v + b"\0" for k, v in items)
+    return struct.pack("<I", len(items)) + sizes + data
+
+
+def deserialize_pairs(data: bytes) -> Pairs | None:
+    """Return the pairs, or None when the bytes are malformed (callers treat that as empty)."""
+    if len(data) < 4:
+        return [] if len(data) <= 1 else None
+    if len(data) > MAX_PAIRS_BYTES:
+        return None
+    (count,) = struct.unpack_from("<I", data, 0)
+    if count > MAX_PAIRS or 4 + 8 * count > len(data):
+        return None
+    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
+    pos = 4 + 8 * count
+    pairs: Pairs = []
+    for i in range(count):
+        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
+        end = pos + klen + vlen + 2
+        if end > len(data) or data[pos + klen] != 0 or data[end - 1] != 0:
+            return None
+        pairs.append((data[pos : pos + klen], data[pos + klen + 1 : end - 1]))
+        pos = end
+    return pairs if pos == len(data) else None
+
+
+def to_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def normalize_headers(headers: object) -> Pairs:
+    """Accept a dict, a list of pairs, str or bytes; return a list of (bytes, bytes)."""
+    if headers is None:
+        return []
+    items = headers.items() if isinstance(headers, dict) else headers
+    return [(to_bytes(k), to_bytes(v)) for k, v in items]  # type: ignore[union-attr]

@@ -1,0 +1,1 @@
+"""Plugin-author test tools: the in-memory Emulator and its pytest fixture."""
