@@ -290,7 +290,7 @@ class RawHostFunction:
                 if returns:
                     write_result(args).value = (result or 0) & 0xFFFFFFFF
                 return 0
-            except BaseException as exc:  # noqa: BLE001 - every escape must become a trap
+            except BaseException as exc:
                 message = on_exception(qualname, exc)
                 return _trap_new(message, len(message)) or 0
             finally:

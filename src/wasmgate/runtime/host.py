@@ -96,9 +96,9 @@ class Host:
     def __init__(self, *, shared_data: SharedDataStore | None = None,
                  queues: SharedQueueStore | None = None,
                  metrics: MetricStore | None = None) -> None:
-        self.shared_data = shared_data if shared_data is not None else SharedDataStore()
-        self.queues = queues if queues is not None else SharedQueueStore()
-        self.metrics = metrics if metrics is not None else MetricStore()
+        self.shared_data_store = shared_data if shared_data is not None else SharedDataStore()
+        self.queue_store = queues if queues is not None else SharedQueueStore()
+        self.metric_store = metrics if metrics is not None else MetricStore()
         self.foreign_functions: dict[str, ForeignFunction] = {}
         self.logger = logging.getLogger("wasmgate.wasm")
 

@@ -160,8 +160,8 @@ class HttpContext:
 
     def _body(self, direction: str, data: bytes, eos: bool) -> Action:
         self._ensure_created()
-        flow, headers, body, _ = self._slots(direction)
-        if flow.blocked and not (flow.buffering or headers.readable and self._stop_iteration()):
+        flow, headers, _, _ = self._slots(direction)
+        if flow.blocked and not (flow.buffering or (headers.readable and self._stop_iteration())):
             flow.held.append(("body", data, eos))
             return Action.PAUSE
         return self._deliver_body(direction, data, eos)

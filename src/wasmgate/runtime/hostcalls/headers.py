@@ -48,11 +48,10 @@ def _allow_new_trailers(ctx: HttpContextState, kind: MapType, slot: HeaderSlot) 
     """Trailers may be added from the last body callback when the stream has none."""
     if slot.pairs is not None:
         return
-    if kind == MapType.HTTP_REQUEST_TRAILERS and ctx.phase == Phase.REQUEST_BODY and (
-            ctx.request_body.end_of_stream):
-        slot.open([])
-    elif kind == MapType.HTTP_RESPONSE_TRAILERS and ctx.phase == Phase.RESPONSE_BODY and (
-            ctx.response_body.end_of_stream):
+    last_request_chunk = ctx.phase == Phase.REQUEST_BODY and ctx.request_body.end_of_stream
+    last_response_chunk = ctx.phase == Phase.RESPONSE_BODY and ctx.response_body.end_of_stream
+    if (kind == MapType.HTTP_REQUEST_TRAILERS and last_request_chunk) or (
+            kind == MapType.HTTP_RESPONSE_TRAILERS and last_response_chunk):
         slot.open([])
 
 

@@ -23,7 +23,7 @@ def proxy_define_metric(vm: WasmVM, metric_type: int, name_ptr: int, name_len: i
         return Status.BAD_ARGUMENT
     name = read_str(vm, name_ptr, name_len)
     vm.memory.check(ret_id, 4)
-    metric = vm.plugin.host.metrics.define(MetricType(metric_type), name)
+    metric = vm.plugin.host.metric_store.define(MetricType(metric_type), name)
     vm.memory.write_u32(ret_id, vm.metric_ids.add(metric))
     return OK
 
@@ -33,7 +33,7 @@ def proxy_increment_metric(vm: WasmVM, metric_id: int, offset: int) -> int:
     metric = vm.metric_ids.get(metric_id)
     if metric is None:
         return Status.NOT_FOUND
-    return vm.plugin.host.metrics.increment(metric, _signed64(offset))
+    return vm.plugin.host.metric_store.increment(metric, _signed64(offset))
 
 
 @hostcall("proxy_record_metric", "iI")
@@ -41,7 +41,7 @@ def proxy_record_metric(vm: WasmVM, metric_id: int, value: int) -> int:
     metric = vm.metric_ids.get(metric_id)
     if metric is None:
         return Status.NOT_FOUND
-    return vm.plugin.host.metrics.record(metric, value)
+    return vm.plugin.host.metric_store.record(metric, value)
 
 
 @hostcall("proxy_get_metric", "ii")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..abi import StreamType, Status
+from ..abi import Status, StreamType
 from ..contexts import HttpContextState, LocalResponse
 from ..crossings import StatusError
 from ..serde import deserialize_pairs
