@@ -395,9 +395,11 @@ def parse_module(data: bytes) -> ModuleInfo:
 
 
 def abi_version(info: ModuleInfo) -> str | None:
-    """The Proxy-Wasm ABI version the module exports (first match in spec order)."""
+    """The Proxy-Wasm ABI version the module exports; with several, the newest wins (as in
+    `PluginModule`), so a Higress module that also exports 0_2_1 gets its 0_2_100 behaviour."""
     funcs = info.func_exports
-    return next((v.removeprefix("proxy_abi_version_") for v in ABI_VERSIONS if v in funcs), None)
+    found = [v for v in ABI_VERSIONS if v in funcs]
+    return found[-1].removeprefix("proxy_abi_version_") if found else None
 
 
 def has_dwarf(info: ModuleInfo) -> bool:

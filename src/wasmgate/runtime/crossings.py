@@ -298,3 +298,12 @@ class RawHostFunction:
                 state.base = -1
 
         return callback
+
+
+def error_frames(error: wasmtime.WasmtimeError) -> list[wasmtime.Frame]:
+    """The wasm backtrace of a non-trap error (e.g. a host trap created by our callbacks)."""
+    from wasmtime._trap import FrameList
+
+    frames = FrameList(error)
+    _b.wasmtime_error_wasm_trace(error.ptr(), ctypes.byref(frames.vec))
+    return [wasmtime.Frame._from_ptr(frames.vec.data[i], frames) for i in range(frames.vec.size)]

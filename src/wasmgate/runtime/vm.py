@@ -26,6 +26,7 @@ from .crossings import (
     StatusError,
     Tracer,
     context_address,
+    error_frames,
     set_epoch_deadline,
 )
 from .engine import shared_engine, ticks_for
@@ -155,7 +156,7 @@ class WasmVM:
         try:
             instance = self.linker.instantiate(self.store, self.module.module)
         except wasmtime.Trap as trap:
-            info = self._trap_info("(start)", GuestCallError(trap, None))
+            info = self._trap_info("(start function)", GuestCallError(trap, None))
             raise PluginStartError(info.fail_message()) from None
         except wasmtime.WasmtimeError as exc:
             raise ModuleLoadError(f"{self.module.source}: cannot instantiate: {exc}") from exc
@@ -167,8 +168,17 @@ class WasmVM:
         funcs: dict[str, GuestFunction] = {}
         for name, (params, results) in self.module.func_exports.items():
             func = exports.get(name)
-            if isinstance(func, wasmtime.Func):
-                funcs[name] = GuestFunction(name, func, params, results)
+            if not isinstance(func, wasmtime.Func):
+                continue
+            expected = expected_signature(name, self.module.abi)
+            if expected is not None and expected != (params, results):
+                # proxy-wasm-cpp-host's wasmtime backend treats it as absent; say so.
+                plugin_log = self.plugin.emit_log
+                plugin_log(LogLevel.WARN, f"export {name} has signature ({','.join(params)})->"
+                           f"({','.join(results)}), expected ({','.join(expected[0])})->"
+                           f"({','.join(expected[1])}): ignored")
+                continue
+            funcs[name] = GuestFunction(name, func, params, results)
         return funcs
 
     # -- guest calls -------------------------------------------------------------------------
@@ -296,25 +306,27 @@ class WasmVM:
         host_exc = getattr(self, "_host_exception", None)
         self._host_exception = None
         if exc.trap is None:
-            return TrapInfo(function, str(exc.error), host_exception=host_exc)
+            error = exc.error
+            return TrapInfo(function, _short_message(str(error)), None,
+                            self._frames(error_frames(error)) if error else [], host_exc)
         trap = exc.trap
         code = trap.trap_code.name.lower() if trap.trap_code is not None else None
         message = _short_message(trap.message)
         if code == "interrupt":
             message += f" (CPU deadline exceeded: {self._deadline_seconds():g} s)"
-        return TrapInfo(function, message, code, self._frames(trap), host_exc)
+        return TrapInfo(function, message, code, self._frames(trap.frames), host_exc)
 
     def _deadline_seconds(self) -> float:
         return (self.limits.startup_seconds if self.in_vm_start_or_configure
                 else self.limits.callback_seconds)
 
-    def _frames(self, trap: wasmtime.Trap) -> list[Frame]:
+    def _frames(self, raw_frames: list[wasmtime.Frame]) -> list[Frame]:
         from .abi import MAX_BACKTRACE_FRAMES
 
         names = self.module.function_names
         symbolizer = self.module.symbolizer
         frames = []
-        for frame in trap.frames[:MAX_BACKTRACE_FRAMES]:
+        for frame in raw_frames[:MAX_BACKTRACE_FRAMES]:
             name = names.get(frame.func_index) or frame.func_name
             source = None
             if symbolizer is not None and frame.module_offset is not None:
@@ -337,6 +349,36 @@ class WasmVM:
     def close(self) -> None:
         self.exports = {}
         self.contexts.clear()
+
+
+_I = "i32"
+_CALLBACKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "_initialize": ((), ()), "_start": ((), ()), "main": ((_I, _I), (_I,)),
+    "__main_void": ((), (_I,)), "malloc": ((_I,), (_I,)),
+    "proxy_on_memory_allocate": ((_I,), (_I,)),
+    "proxy_on_context_create": ((_I, _I), ()), "proxy_on_vm_start": ((_I, _I), (_I,)),
+    "proxy_on_configure": ((_I, _I), (_I,)), "proxy_validate_configuration": ((_I, _I), (_I,)),
+    "proxy_on_tick": ((_I,), ()), "proxy_on_queue_ready": ((_I, _I), ()),
+    "proxy_on_foreign_function": ((_I, _I, _I), ()),
+    "proxy_on_request_headers": ((_I, _I, _I), (_I,)),
+    "proxy_on_response_headers": ((_I, _I, _I), (_I,)),
+    "proxy_on_request_body": ((_I, _I, _I), (_I,)), "proxy_on_response_body": ((_I, _I, _I), (_I,)),
+    "proxy_on_request_trailers": ((_I, _I), (_I,)), "proxy_on_response_trailers": ((_I, _I), (_I,)),
+    "proxy_on_log": ((_I,), ()), "proxy_on_done": ((_I,), (_I,)), "proxy_on_delete": ((_I,), ()),
+    "proxy_on_http_call_response": ((_I, _I, _I, _I, _I), ()),
+    "proxy_on_grpc_receive_initial_metadata": ((_I, _I, _I), ()),
+    "proxy_on_grpc_receive": ((_I, _I, _I), ()),
+    "proxy_on_grpc_receive_trailing_metadata": ((_I, _I, _I), ()),
+    "proxy_on_grpc_close": ((_I, _I, _I), ()),
+    "proxy_on_redis_call_response": ((_I, _I, _I, _I), ()),
+}
+
+
+def expected_signature(name: str, abi: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The signature the host calls `name` with (None: not a callback we call)."""
+    if abi == "0_1_0" and name in ("proxy_on_request_headers", "proxy_on_response_headers"):
+        return ((_I, _I), (_I,))
+    return _CALLBACKS.get(name)
 
 
 def _short_message(message: str) -> str:

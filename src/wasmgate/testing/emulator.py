@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..runtime.abi import Action, LogLevel
 from ..runtime.contexts import LocalResponse
-from ..runtime.errors import PluginFailed, PluginTrap, RuntimeFailure
+from ..runtime.errors import ModuleLoadError, PluginFailed, PluginTrap, RuntimeFailure
 from ..runtime.host import (
     GrpcCallRequest,
     Host,
@@ -44,7 +44,7 @@ class LogRecord:
 class Emulator(Host):
     """Load a plugin and drive it in memory. See the README's "Testing plugins" section."""
 
-    def __init__(self, wasm: bytes | str | Path, plugin_config: bytes | str = b"",
+    def __init__(self, wasm: bytes | bytearray | str | Path, plugin_config: bytes | str = b"",
                  vm_config: bytes | str = b"", root_id: str = "",
                  properties: dict[str, object] | None = None,
                  env: dict[str, str] | None = None, *, name: str = "", vm_id: str = "",
@@ -73,6 +73,8 @@ class Emulator(Host):
         """Start the VM and configure the plugin; raise EmulatorError with its logs if not."""
         try:
             self.plugin.start()
+        except ModuleLoadError:
+            raise  # the plugin never ran: nothing to add
         except RuntimeFailure as exc:
             logs = "\n".join(f"  [{r.level.name.lower()}] {r.message}" for r in self.records)
             raise EmulatorError(f"{exc}\nplugin logs:\n{logs or '  (none)'}") from exc
@@ -339,12 +341,12 @@ class EmulatedStream:
 _modules: dict[str, PluginModule] = {}
 
 
-def _load(wasm: bytes | str | Path) -> PluginModule:
+def _load(wasm: bytes | bytearray | str | Path) -> PluginModule:
     """Compile each distinct module once per process (tests create many emulators)."""
-    data = wasm if isinstance(wasm, bytes) else Path(wasm).read_bytes()
+    data = bytes(wasm) if isinstance(wasm, bytes | bytearray) else Path(wasm).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     module = _modules.get(digest)
     if module is None:
-        source = "<bytes>" if isinstance(wasm, bytes) else str(wasm)
+        source = "<bytes>" if isinstance(wasm, bytes | bytearray) else str(wasm)
         module = _modules[digest] = PluginModule(data, source=source)
     return module

@@ -1,0 +1,151 @@
+"""The ``wasmgate`` command line: a small click group; each subcommand renders its own output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .inspection import Inspection, MemoryEntry, inspect_module
+from .runtime.binary import WasmBinaryError
+
+EXIT_OK, EXIT_CANNOT_RUN, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wasmgate", prog_name="wasmgate")
+def main() -> None:
+    """wasmgate: a Proxy-Wasm plugin host."""
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
+def inspect(file: Path, as_json: bool) -> None:
+    """Describe a .wasm plugin and check that this host can run it.
+
+    Exit status: 0 runnable here, 1 not runnable (ABI or imports), 2 unreadable/malformed.
+    """
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        _fail(f"{file}: cannot read: {exc.strerror or exc}")
+    try:
+        result = inspect_module(data, str(file))
+    except WasmBinaryError as exc:
+        _fail(f"{file}: malformed wasm module: {exc}")
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        # Piped output has no terminal width to follow: use one wide enough for signatures.
+        width = None if sys.stdout.isatty() else 120
+        _render(result, Console(highlight=False, width=width))
+    raise SystemExit(EXIT_OK if result.runnable else EXIT_CANNOT_RUN)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"wasmgate: error: {message}", err=True)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _pages(n: int) -> str:
+    size = n * 64
+    unit = "KiB"
+    if size >= 1024 and size % 1024 == 0:
+        size, unit = size // 1024, "MiB"
+    return f"{n} page{'s' if n != 1 else ''} ({size} {unit})"
+
+
+def _memory_text(m: MemoryEntry) -> str:
+    maximum = "unbounded" if m.maximum is None else _pages(m.maximum)
+    flags = "".join([", shared" if m.shared else "", ", memory64" if m.memory64 else ""])
+    return f"{m.origin}: min {_pages(m.minimum)}, max {maximum}{flags}"
+
+
+def _yes(flag: bool) -> Text:
+    return Text("yes", style="green") if flag else Text("no", style="yellow")
+
+
+def _summary(r: Inspection) -> Table:
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("File", r.source)
+    t.add_row("Size", f"{r.size} bytes")
+    t.add_row("SHA-256", Text(r.sha256, no_wrap=True))
+    abi = Text(r.abi_version, style="green") if r.abi_version else Text("none", style="red")
+    if len(r.abi_exports) > 1:
+        abi.append(f" (exports {', '.join(r.abi_exports)})")
+    t.add_row("Proxy-Wasm ABI", abi)
+    t.add_row("SDK / language", r.sdk)
+    for sdk, evidence in r.sdk_evidence:
+        t.add_row("", f"{sdk}: {'; '.join(evidence)}")
+    for m in r.memories:
+        t.add_row("Memory", _memory_text(m))
+    if not r.memories:
+        t.add_row("Memory", "none")
+    t.add_row("Exports memory", _yes(r.exports_memory))
+    t.add_row("DWARF debug info", _yes(r.has_dwarf))
+    names = f" ({r.function_names} function names)" if r.has_name_section else ""
+    name_cell = _yes(r.has_name_section)
+    name_cell.append(names)
+    t.add_row("Name section", name_cell)
+    if r.producers:
+        for field, values in r.producers:
+            tools = ", ".join(f"{n} {v}".strip() for n, v in values)
+            t.add_row(f"Producers: {field}", tools or "-")
+    else:
+        t.add_row("Producers", "none")
+    return t
+
+
+def _imports_table(r: Inspection) -> Table:
+    t = Table(title=f"Imports ({len(r.imports)})", title_justify="left", expand=False)
+    t.add_column("Import", overflow="fold")
+    t.add_column("Signature", overflow="fold")
+    t.add_column("Status", overflow="fold")
+    for imp in r.satisfied_imports:
+        t.add_row(imp.qualname, imp.signature or imp.kind, Text("satisfied", style="green"))
+    for imp in r.unsatisfied_imports:
+        status = Text(f"NOT satisfied ({imp.reason})", style="bold red")
+        t.add_row(imp.qualname, imp.signature or imp.kind, status)
+    return t
+
+
+def _exports_table(title: str, exports: tuple) -> Table:
+    t = Table(title=f"{title} ({len(exports)})", title_justify="left", expand=False)
+    t.add_column("Name", overflow="fold")
+    t.add_column("Kind")
+    t.add_column("Signature", overflow="fold")
+    for e in exports:
+        t.add_row(e.name, e.kind, e.signature or "")
+    return t
+
+
+def _render(r: Inspection, console: Console) -> None:
+    console.print(_summary(r))
+    if r.imports:
+        console.print(_imports_table(r))
+    else:
+        console.print("Imports: none")
+    console.print(_exports_table("Proxy-Wasm callbacks", r.callbacks))
+    console.print(_exports_table("Other exports", r.other_exports))
+    if r.runnable:
+        console.print(Text("OK: this module can run on wasmgate.", style="bold green"))
+    else:
+        console.print(Text("Cannot run on wasmgate:", style="bold red"))
+        for problem in r.problems:
+            console.print(Text(f"  - {problem}"))
+
+
+if __name__ == "__main__":
+    main()
