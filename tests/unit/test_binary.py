@@ -17,6 +17,7 @@ from wasmgate.runtime.binary import (
     has_dwarf,
     parse_module,
 )
+from wasmgate.runtime.module import PluginModule
 
 CRASH_WASM = Path(__file__).resolve().parents[2] / "plugins" / "dwarf-crash" / "crash.wasm"
 
@@ -119,9 +120,10 @@ def test_abi_version_each(version: str) -> None:
     assert abi_version(info) == version
 
 
-def test_abi_version_first_in_spec_order() -> None:
+def test_abi_version_newest_wins_like_the_runtime() -> None:
     body = '(func (export "proxy_abi_version_0_2_100")) (func (export "proxy_abi_version_0_2_0"))'
-    assert abi_version(parse_module(_module(body))) == "0_2_0"
+    assert abi_version(parse_module(_module(body))) == "0_2_100"
+    assert PluginModule(_module(body)).abi == "0_2_100"
 
 
 def test_abi_version_none_and_non_function_export() -> None:

@@ -1,0 +1,16 @@
+"""Real third-party plugins, downloaded at test time (never committed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/real/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.real)
