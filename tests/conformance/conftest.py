@@ -25,7 +25,7 @@ from wasmgate.testing import Emulator
 from ..conftest import CONFORMANCE
 
 REQUEST = [(":path", "/x?q=1"), (":method", "GET"), (":authority", "example.com"),
-           ("User-Agent", "ua"), ("X-A", "1"), ("x-a", "2")]
+           ("user-agent", "ua"), ("x-a", "1"), ("x-a", "2")]
 RESPONSE = [(":status", "200"), ("content-type", "text/plain")]
 HTTP_CALL = "http_call s:up m:%3Apath=/&%3Amethod=GET&%3Aauthority=up null null 1000"
 ROOT_CBS = ("vm_start", "configure", "tick", "queue_ready", "http_call_response",
