@@ -7,11 +7,17 @@ the ABI is Higress 0_2_100 or `allow_on_headers_stop_iteration`; a local reply f
 Body returned PAUSE is buffered: the next chunk is appended and the callback sees the
 accumulated size. Headers held with StopAll* hold the body too, until `proxy_continue_stream`,
 which is applied after the callback that asked for it returns, and then replays what was held.
+
+What the plugin lets through (headers it continued, body it released, trailers) is appended
+to `outbox` as `Released` items, in order; a filter chain drains it and feeds the next filter.
+`on_release` is called when the plugin releases data outside a call driven by the caller (a
+`proxy_continue_stream` from an http_call response, for example).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .abi import Action
@@ -25,6 +31,16 @@ if TYPE_CHECKING:
 _STOP_ALL = (Action.STOP_ALL_ITERATION_AND_BUFFER, Action.STOP_ALL_ITERATION_AND_WATERMARK)
 
 
+@dataclass(frozen=True)
+class Released:
+    """Data the plugin let through: kind is "headers", "body" or "trailers"."""
+
+    direction: str
+    kind: str
+    payload: Pairs | bytes
+    end_of_stream: bool
+
+
 class _Direction:
     """Per-direction flow state: held by StopAll headers, buffering a paused body."""
 
@@ -33,6 +49,8 @@ class _Direction:
         self.buffering = False
         self.held: list[tuple[str, object, bool]] = []
         self.ended = False
+        self.headers_released = False
+        self.headers_eos = False
 
 
 class HttpContext:
@@ -50,6 +68,8 @@ class HttpContext:
         self._request = _Direction()
         self._response = _Direction()
         self.on_continue: Callable[[str], None] | None = None
+        self.on_release: Callable[[HttpContext], None] | None = None
+        self.outbox: list[Released] = []
         self.completed = False
 
     @property
@@ -138,11 +158,20 @@ class HttpContext:
             args += (int(eos),)
         raw = self._call(f"proxy_on_{direction}_headers", *args)
         action = self._convert_headers(raw)
+        flow.headers_eos = eos
         if action in _STOP_ALL or action == Action.PAUSE:
             flow.blocked = True
         else:
             headers.close()
+            self._release_headers(direction)
         return action
+
+    def _release_headers(self, direction: str) -> None:
+        flow, headers, _, _ = self._slots(direction)
+        if not flow.headers_released and self.state.local_response is None:
+            flow.headers_released = True
+            self.outbox.append(Released(direction, "headers", headers.pairs or [],
+                                        flow.headers_eos))
 
     def _convert_headers(self, raw: int | None) -> Action:
         if self.state.local_response is not None:
@@ -189,9 +218,16 @@ class HttpContext:
             if flow.blocked:  # headers were held (true StopIteration): body continues them
                 flow.blocked = False
                 headers.close()
+            self._release_headers(direction)
+            self._release_body(direction)
             return Action.CONTINUE
         flow.buffering = True
         return Action.PAUSE
+
+    def _release_body(self, direction: str) -> None:
+        _, _, body, _ = self._slots(direction)
+        if self.state.local_response is None:
+            self.outbox.append(Released(direction, "body", bytes(body.data), body.end_of_stream))
 
     def _trailers(self, direction: str, pairs: Pairs) -> Action:
         self._ensure_created()
@@ -205,6 +241,8 @@ class HttpContext:
         raw = self._call(f"proxy_on_{direction}_trailers", self.id, len(pairs))
         if (raw or 0) == 0 and self.state.local_response is None:
             trailers.close()
+            self._release_headers(direction)
+            self.outbox.append(Released(direction, "trailers", pairs, True))
             return Action.CONTINUE
         flow.blocked = True
         return Action.PAUSE
@@ -214,8 +252,11 @@ class HttpContext:
         """`proxy_continue_stream`: release held headers and replay what was held."""
         flow, headers, _, _ = self._slots(direction)
         flow.blocked = False
-        flow.buffering = False
         headers.close()
+        self._release_headers(direction)
+        if flow.buffering:
+            flow.buffering = False
+            self._release_body(direction)
         held, flow.held = flow.held, []
         if self.on_continue is not None:
             self.on_continue(direction)
@@ -224,6 +265,13 @@ class HttpContext:
                 self._deliver_body(direction, payload, eos)  # type: ignore[arg-type]
             else:
                 self._trailers(direction, payload)  # type: ignore[arg-type]
+        if self.on_release is not None and self.outbox:
+            self.on_release(self)
+
+    def take_released(self) -> list[Released]:
+        """Drain what the plugin let through since the last call."""
+        released, self.outbox = self.outbox, []
+        return released
 
     # -- end of stream -----------------------------------------------------------------------
     def complete(self) -> None:

@@ -270,6 +270,7 @@ class Plugin:
 
     def deliver_grpc_close(self, token: int, status: int, message: bytes = b"") -> None:
         self.root.status = (status, message)
+        self._vm().grpc_tokens.discard(token)
         self._vm().call("proxy_on_grpc_close", self.root.id, token, status,
                         context_id=self.root.id)
 

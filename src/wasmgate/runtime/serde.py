@@ -50,8 +50,9 @@ def to_bytes(value: str | bytes) -> bytes:
 
 
 def normalize_headers(headers: object) -> Pairs:
-    """Accept a dict, a list of pairs, str or bytes; return a list of (bytes, bytes)."""
+    """Accept a dict or a list of pairs of str or bytes; return (bytes, bytes) pairs with
+    lower-case names, as Envoy's header maps hold them."""
     if headers is None:
         return []
     items = headers.items() if isinstance(headers, dict) else headers
-    return [(to_bytes(k), to_bytes(v)) for k, v in items]  # type: ignore[union-attr]
+    return [(to_bytes(k).lower(), to_bytes(v)) for k, v in items]  # type: ignore[union-attr]

@@ -105,6 +105,7 @@ class WasmVM:
         self.failed: TrapInfo | None = None
         self.contexts: dict[int, Context] = {}
         self.metric_ids = MetricIds()
+        self.grpc_tokens: set[int] = set()  # open gRPC calls and streams
         self._next_context_id = 1
         self._next_token = 1
         self.current_context_id = 0

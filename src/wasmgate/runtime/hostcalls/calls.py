@@ -91,6 +91,7 @@ def _grpc(vm: WasmVM, svc: tuple[int, int], service: tuple[int, int], method: tu
     if status == Status.BAD_ARGUMENT:
         return Status.PARSE_FAILURE  # Envoy: unknown service -> PARSE_FAILURE
     if status == OK:
+        vm.grpc_tokens.add(request.token)
         vm.memory.write_u32(ret_token, request.token)
     return status
 
@@ -112,18 +113,17 @@ def proxy_grpc_stream(vm: WasmVM, svc_ptr: int, svc_len: int, service_ptr: int,
                  (md_ptr, md_len), None, 0, ret_token, streaming=True)
 
 
-def _grpc_token_ok(token: int, need_stream: bool = False) -> int | None:
-    kind = token & 3
-    if kind not in (TOKEN_KIND_GRPC_CALL, TOKEN_KIND_GRPC_STREAM) or token < 4:
+def _grpc_token_ok(vm: WasmVM, token: int, need_stream: bool = False) -> int | None:
+    if token not in vm.grpc_tokens:
         return Status.NOT_FOUND
-    if need_stream and kind != TOKEN_KIND_GRPC_STREAM:
+    if need_stream and token & 3 != TOKEN_KIND_GRPC_STREAM:
         return Status.BAD_ARGUMENT
     return None
 
 
 @hostcall("proxy_grpc_send", "iiii")
 def proxy_grpc_send(vm: WasmVM, token: int, msg_ptr: int, msg_len: int, end_stream: int) -> int:
-    bad = _grpc_token_ok(token, need_stream=True)
+    bad = _grpc_token_ok(vm, token, need_stream=True)
     if bad is not None:
         return bad
     message = vm.memory.read(msg_ptr, msg_len)
@@ -133,16 +133,17 @@ def proxy_grpc_send(vm: WasmVM, token: int, msg_ptr: int, msg_len: int, end_stre
 
 @hostcall("proxy_grpc_cancel", "i")
 def proxy_grpc_cancel(vm: WasmVM, token: int) -> int:
-    bad = _grpc_token_ok(token)
+    bad = _grpc_token_ok(vm, token)
     if bad is not None:
         return bad
+    vm.grpc_tokens.discard(token)
     vm.plugin.host.grpc_cancel(vm.plugin, token)
     return OK
 
 
 @hostcall("proxy_grpc_close", "i")
 def proxy_grpc_close(vm: WasmVM, token: int) -> int:
-    bad = _grpc_token_ok(token)
+    bad = _grpc_token_ok(vm, token)
     if bad is not None:
         return bad
     vm.plugin.host.grpc_close(vm.plugin, token)

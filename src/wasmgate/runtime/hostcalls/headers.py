@@ -73,7 +73,13 @@ def _key(vm: WasmVM, ptr: int, size: int) -> bytes:
 
 @hostcall("proxy_get_header_map_pairs", "iii")
 def proxy_get_header_map_pairs(vm: WasmVM, map_type: int, ret_ptr: int, ret_len: int) -> int:
-    pairs = _readable(vm, map_type)
+    """An unavailable map (or no stream at all) is empty, not an error (CH/Envoy)."""
+    if map_type > MapType.HTTP_CALL_RESPONSE_TRAILERS:
+        return Status.BAD_ARGUMENT
+    try:
+        pairs = _readable(vm, map_type)
+    except StatusError:
+        pairs = None
     return vm.return_bytes(serialize_pairs(pairs or []), ret_ptr, ret_len)
 
 
