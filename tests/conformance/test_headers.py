@@ -55,10 +55,6 @@ def test_mutations_visible_in_request_headers_now(make) -> None:  # type: ignore
     assert run.stream.header("X-NEW") == "v1"
 
 
-@pytest.mark.xfail(strict=True, reason="Envoy header maps are always lower-case (spec §2: keys "
-                   "lower-cased [EV]; get_header_map_value returns the FIRST value); the runtime "
-                   "keeps the case of header names the embedder supplies, so `X-A`/`User-Agent` "
-                   "are neither found first nor removed by lower-case lookups")
 def test_supplied_header_names_are_lower_cased(make) -> None:  # type: ignore[no-untyped-def]
     run = make("request_headers get_header_map_value 0 s:x-a\n"
                "request_headers remove_header_map_value 0 s:user-agent\n")
@@ -170,9 +166,6 @@ def test_http_maps_from_root_are_bad_argument(make, op: str) -> None:  # type: i
     assert run.one("tick", op.split()[0]).status == BAD_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason="spec §2 proxy_get_header_map_pairs: 'empty/unavailable "
-                   "map -> ptr=0,len=0, OK'; from a root callback the runtime answers "
-                   "BAD_ARGUMENT (headers.py _slot)")
 def test_header_map_pairs_unavailable_from_root_is_empty_ok(make) -> None:  # type: ignore[no-untyped-def]
     run = make("tick get_header_map_pairs 0\n")
     run.tick()

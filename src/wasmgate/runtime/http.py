@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from .abi import Action
 from .contexts import BodySlot, HeaderSlot, HttpContextState, LocalResponse, Phase
-from .errors import PluginTrap
 from .serde import Pairs, normalize_headers
 
 if TYPE_CHECKING:
@@ -225,7 +224,9 @@ class HttpContext:
         return Action.PAUSE
 
     def _release_body(self, direction: str) -> None:
+        """The chunk leaves this filter: later callbacks no longer see it (Envoy clears it)."""
         _, _, body, _ = self._slots(direction)
+        body.readable = False
         if self.state.local_response is None:
             self.outbox.append(Released(direction, "body", bytes(body.data), body.end_of_stream))
 
@@ -291,9 +292,7 @@ class HttpContext:
                 s.phase = Phase.DONE
                 self._call("proxy_on_done", self.id)
                 self._call("proxy_on_delete", self.id)
-        except PluginTrap:
-            pass
-        finally:
+        finally:  # a trap propagates (the plugin is already marked failed)
             s.deleted = True
             self.vm.contexts.pop(self.id, None)
 

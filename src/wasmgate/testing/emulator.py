@@ -278,8 +278,13 @@ class EmulatedStream:
         return self._run("response_trailers", trailers)
 
     def complete(self) -> None:
-        if self.context is not None:
+        """on_log, on_done, on_delete; a trap there is recorded like any other."""
+        if self.context is None:
+            return
+        try:
             self.context.complete()
+        except PluginTrap as trap:
+            self.emulator.crashes.append(trap)
 
     # -- views -------------------------------------------------------------------------------
     def _view(self, name: str, default: object) -> object:

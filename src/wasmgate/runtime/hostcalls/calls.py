@@ -62,9 +62,10 @@ def proxy_http_call(vm: WasmVM, up_ptr: int, up_len: int, hdr_ptr: int, hdr_len:
     body = vm.memory.read(body_ptr, body_len)
     trailers = _pairs(vm, trl_ptr, trl_len)
     vm.memory.check(ret_token, 4)
+    headers = [(k.lower(), v) for k, v in headers]
     names = {k for k, _ in headers}
-    if not {b":path", b":method", b":authority"} <= names:
-        return Status.BAD_ARGUMENT
+    if timeout_ms >= 1 << 31 or not {b":path", b":method", b":authority"} <= names:
+        return Status.BAD_ARGUMENT  # negative timeout or missing pseudo-headers (Envoy)
     if body and b"content-length" not in names:
         headers.append((b"content-length", str(len(body)).encode()))
     token = vm.new_token(TOKEN_KIND_HTTP)
