@@ -1,0 +1,189 @@
+"""The filter chain over real plugins: ordering, pauses, local replies, failure policies."""
+
+from __future__ import annotations
+
+from wasmgate.chain import (
+    FailStrategy,
+    FilterChain,
+    ForwardBody,
+    ForwardHeaders,
+    PluginSlot,
+    Reset,
+    SendBody,
+    SendHeaders,
+    SlotStatus,
+)
+from wasmgate.runtime.host import Host
+from wasmgate.runtime.module import PluginModule
+from wasmgate.runtime.plugin import Plugin, PluginConfig
+
+from ...conftest import CONFORMANCE, EXAMPLE
+
+REQUEST = [(b":method", b"POST"), (b":path", b"/x"), (b":authority", b"svc")]
+
+
+class RecordingHost(Host):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[object] = []
+        self.lines: list[str] = []
+
+    def http_call(self, plugin: Plugin, request: object) -> None:
+        self.calls.append((plugin, request))
+
+    def log(self, plugin: Plugin, level: object, message: str) -> None:
+        self.lines.append(f"{plugin.name}: {message}")
+
+
+def conformance(name: str, steps: str, host: Host, **kw: object) -> PluginSlot:
+    plugin = Plugin(PluginModule.load(CONFORMANCE),
+                    PluginConfig(name=name, configuration=steps.encode()), host)
+    plugin.start()
+    return PluginSlot(name, plugin=plugin, **kw)  # type: ignore[arg-type]
+
+
+def example(host: Host, greeting: str = "hi") -> PluginSlot:
+    plugin = Plugin(PluginModule.load(EXAMPLE),
+                    PluginConfig(name="example", root_id="example",
+                                 configuration=greeting.encode()), host)
+    plugin.start()
+    return PluginSlot("example", plugin=plugin)
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    return next((v for k, v in headers if k == name), None)
+
+
+def test_request_passes_plugins_in_order_and_response_in_reverse() -> None:
+    host = RecordingHost()
+    first = conformance("a", "request_headers add_header_map_value 0 s:x-order s:a\n"
+                        "response_headers add_header_map_value 2 s:x-order s:a\n", host)
+    second = conformance("b", "request_headers add_header_map_value 0 s:x-order s:b\n"
+                         "response_headers add_header_map_value 2 s:x-order s:b\n", host)
+    stream = FilterChain([first, second]).stream()
+    stream.request_headers(REQUEST, end_of_stream=True)
+    [forward] = stream.take_actions()
+    assert isinstance(forward, ForwardHeaders)
+    assert [v for k, v in forward.headers if k == b"x-order"] == [b"a", b"b"]
+    stream.response_headers([(b":status", b"200")], end_of_stream=True)
+    [send] = stream.take_actions()
+    assert isinstance(send, SendHeaders)
+    assert [v for k, v in send.headers if k == b"x-order"] == [b"b", b"a"]
+    stream.complete()
+
+
+def test_local_reply_skips_later_plugins_and_upstream() -> None:
+    host = RecordingHost()
+    stats = conformance("stats", "response_headers add_header_map_value 2 s:x-seen s:1\n", host)
+    guard = example(host)
+    never = conformance("never", "request_headers log 2 s:never-called\n", host)
+    stream = FilterChain([stats, guard, never]).stream()
+    stream.request_headers([(b":path", b"/deny/me"), (b":method", b"GET")], True)
+    actions = stream.take_actions()
+    assert not any(isinstance(a, ForwardHeaders) for a in actions)
+    send = next(a for a in actions if isinstance(a, SendHeaders))
+    assert header(send.headers, b":status") == b"403"
+    assert header(send.headers, b"x-seen") == b"1"  # earlier plugins see the reply
+    assert send.details == "denied_by_wasm_plugin"
+    body = next(a for a in actions if isinstance(a, SendBody))
+    assert body.data == b"denied by wasm plugin\n"
+    assert header(send.headers, b"content-length") == str(len(body.data)).encode()
+    assert not any("never-called" in line for line in host.lines)
+
+
+def test_pause_holds_only_its_stream_and_resumes_after_the_call() -> None:
+    host = RecordingHost()
+    steps = ("request_headers http_call s:auth m::path=/a&:method=GET&:authority=auth s: null 0\n"
+             "request_headers return 1\n"
+             "http_call_response set_effective_context 2\n"
+             "http_call_response continue_stream 0\n")
+    auth = conformance("auth", steps, host)
+    chain = FilterChain([auth])
+    woken = []
+    stream = chain.stream()
+    stream.on_wakeup = woken.append
+    stream.request_headers(REQUEST, end_of_stream=False)
+    stream.request_body(b"payload", end_of_stream=True)
+    assert stream.take_actions() == []
+    assert stream.paused
+    other = chain.stream()  # another stream is not held
+    [(plugin, call)] = host.calls
+    plugin.deliver_http_call_response(call.token, [(b":status", b"200")], b"")
+    assert woken == [stream]
+    actions = stream.take_actions()
+    assert isinstance(actions[0], ForwardHeaders)
+    assert actions[1] == ForwardBody(b"payload", True)
+    assert header(actions[0].headers, b"content-length") == b"7"  # re-framed
+    del other
+
+
+def test_fail_close_gives_503_and_fail_open_bypasses() -> None:
+    host = RecordingHost()
+    closing = conformance("closing", "request_headers trap\n", host)
+    stream = FilterChain([closing]).stream()
+    stream.request_headers(REQUEST, True)
+    [send] = stream.take_actions()
+    assert isinstance(send, SendHeaders)
+    assert header(send.headers, b":status") == b"503"
+    assert send.details == "wasm_fail_stream"
+    assert closing.status == SlotStatus.FAILED
+    again = FilterChain([closing]).stream()
+    again.request_headers(REQUEST, True)
+    assert header(again.take_actions()[0].headers, b":status") == b"503"
+
+    opening = conformance("opening", "request_headers trap\n", host,
+                          fail_strategy=FailStrategy.FAIL_OPEN)
+    stream = FilterChain([opening]).stream()
+    stream.request_headers(REQUEST, True)
+    [forward] = stream.take_actions()
+    assert isinstance(forward, ForwardHeaders)
+
+
+def test_fail_reload_builds_a_fresh_vm_for_the_next_stream() -> None:
+    host = RecordingHost()
+    now = [100.0]
+    plugin = Plugin(PluginModule.load(CONFORMANCE),
+                    PluginConfig(name="r", configuration=b"request_headers trap\n"), host)
+    plugin.start()
+    slot = PluginSlot("r", FailStrategy.FAIL_RELOAD, plugin, clock=lambda: now[0])
+    first = FilterChain([slot]).stream()
+    first.request_headers(REQUEST, True)
+    assert header(first.take_actions()[0].headers, b":status") == b"503"
+    second = FilterChain([slot]).stream()  # reloaded at once after the first crash
+    assert slot.reloads == 1
+    second.request_headers(REQUEST, True)
+    assert slot.crashes == 2
+
+
+def test_unavailable_plugin_stands_in_deny_or_allow() -> None:
+    deny = PluginSlot("pending", FailStrategy.FAIL_CLOSE)
+    stream = FilterChain([deny]).stream()
+    stream.request_headers(REQUEST, True)
+    actions = stream.take_actions()
+    assert header(actions[0].headers, b":status") == b"403"
+    allow = PluginSlot("pending", FailStrategy.FAIL_OPEN)
+    stream = FilterChain([allow]).stream()
+    stream.request_headers(REQUEST, True)
+    assert isinstance(stream.take_actions()[0], ForwardHeaders)
+
+
+def test_buffer_limit_gives_413() -> None:
+    host = RecordingHost()
+    buffering = conformance("buf", "request_body return 1\n", host)
+    stream = FilterChain([buffering], buffer_limit=10).stream()
+    stream.request_headers(REQUEST, False)
+    stream.request_body(b"123456", False)
+    assert [a for a in stream.take_actions() if not isinstance(a, ForwardHeaders)] == []
+    stream.request_body(b"7890123", False)
+    actions = stream.take_actions()
+    send = next(a for a in actions if isinstance(a, SendHeaders))
+    assert header(send.headers, b":status") == b"413"
+    assert send.details == "request_payload_too_large"
+
+
+def test_close_stream_resets() -> None:
+    host = RecordingHost()
+    closer = conformance("closer", "request_headers close_stream 0\n", host)
+    stream = FilterChain([closer]).stream()
+    stream.request_headers(REQUEST, True)
+    assert stream.take_actions() == [Reset("wasm_close_stream")]
