@@ -207,7 +207,7 @@ class StockHost:
 
     Implemented: proxy_log, proxy_get/set_header_map_pairs, proxy_get_header_map_value,
     proxy_get_buffer_bytes (plugin configuration only), proxy_get_property (a dict),
-    proxy_set_effective_context, WASI fd_write/clock_time_get/random_get. Every other import
+    proxy_set_effective_context, and the WASI calls Go's runtime start needs. Every other import
     is a stub returning 0. Returned bytes go through the guest's proxy_on_memory_allocate.
     """
 
@@ -317,6 +317,19 @@ class StockHost:
     def clock_time_get(self, caller, clock_id, precision, ret_ptr):
         self.memory.write(caller, struct.pack("<Q", time.time_ns()), ret_ptr)
         return 0
+
+    def args_sizes_get(self, caller, ret_count, ret_size):
+        self.memory.write(caller, bytes(4), ret_count)
+        self.memory.write(caller, bytes(4), ret_size)
+        return 0
+
+    environ_sizes_get = args_sizes_get
+
+    def fd_prestat_get(self, caller, fd, ret_ptr):
+        return 8  # EBADF: no preopened directories (ends Go's preopen scan)
+
+    def fd_fdstat_get(self, caller, fd, ret_ptr):
+        return 8
 
     def random_get(self, caller, ptr, n):
         import os

@@ -149,3 +149,35 @@ def _render(r: Inspection, console: Console) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+def _host_port(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT")
+    return (host or "127.0.0.1", int(port))
+
+
+@main.command()
+@click.option("-c", "--config", "configs", multiple=True, type=click.Path(path_type=Path),
+              help="A YAML file or directory of WasmPlugin/Gateway documents (repeatable).")
+@click.option("--listen", help="HOST:PORT to serve on (overrides the Gateway document).")
+@click.option("--admin", help="HOST:PORT of the admin endpoint (default 127.0.0.1:9901).")
+@click.option("--upstream", help="URL or HOST:PORT of a single upstream for every request.")
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--access-log/--no-access-log", default=False, show_default=True)
+def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
+        upstream: str | None, workers: int, log_level: str, access_log: bool) -> None:
+    """Run the gateway: plugins from the WasmPlugin resources, in front of the upstreams."""
+    from .gateway.runner import run_gateway
+
+    raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
+                                 admin=_host_port(admin), upstream=upstream, workers=workers,
+                                 log_level=log_level, access_log=access_log))

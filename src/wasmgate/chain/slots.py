@@ -51,6 +51,9 @@ class PluginSlot:
         self._backoff = self.RELOAD_BACKOFF_BASE
         self.crashes = 0
         self.reloads = 0
+        self.streams = 0  # streams that ran this plugin
+        self.callbacks = 0
+        self.callback_seconds = 0.0  # wall time inside the plugin's stream callbacks
 
     @property
     def status(self) -> SlotStatus:

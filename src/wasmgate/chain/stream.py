@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
+from time import perf_counter
 
 from ..runtime.abi import Action
 from ..runtime.errors import PluginFailed, PluginTrap
@@ -52,6 +53,7 @@ class _Filter:
         if self.mode is None:
             assert slot.plugin is not None
             self.context = slot.plugin.new_http_context(attributes)
+            slot.streams += 1
 
 
 class ChainStream:
@@ -106,6 +108,11 @@ class ChainStream:
         if self.state == StreamState.OPEN:
             self.state = StreamState.DONE
 
+    def upstream_reply(self, status: int, body: bytes, details: str) -> None:
+        """A reply the proxy makes itself (504, 503...): every plugin's response path sees it,
+        as Envoy's router replies pass all encoder filters."""
+        self._reply(len(self.filters), status, body, details)
+
     # -- actions out -------------------------------------------------------------------------
     def take_actions(self) -> list[ChainAction]:
         self._pump()
@@ -159,11 +166,15 @@ class ChainStream:
             self._propagate(index, [item])
             return
         before = ctx.local_response
+        started = perf_counter()
         try:
             action = _dispatch(ctx, item)
         except (PluginTrap, PluginFailed) as exc:
             self._crash(index, f, item, exc)
             return
+        finally:
+            f.slot.callbacks += 1
+            f.slot.callback_seconds += perf_counter() - started
         if ctx.local_response is not None and before is None:
             self._local_reply(index, ctx)
             return

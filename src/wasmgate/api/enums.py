@@ -1,0 +1,42 @@
+"""The protobuf enums of the WasmPlugin API, spelled as in Istio YAML."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    UNSPECIFIED_PHASE = "UNSPECIFIED_PHASE"
+    AUTHN = "AUTHN"
+    AUTHZ = "AUTHZ"
+    STATS = "STATS"
+
+
+class ImagePullPolicy(StrEnum):
+    UNSPECIFIED_POLICY = "UNSPECIFIED_POLICY"
+    IF_NOT_PRESENT = "IfNotPresent"
+    ALWAYS = "Always"
+
+
+class FailStrategy(StrEnum):
+    FAIL_CLOSE = "FAIL_CLOSE"
+    FAIL_OPEN = "FAIL_OPEN"
+    FAIL_RELOAD = "FAIL_RELOAD"
+
+
+class PluginType(StrEnum):
+    UNSPECIFIED_PLUGIN_TYPE = "UNSPECIFIED_PLUGIN_TYPE"
+    HTTP = "HTTP"
+    NETWORK = "NETWORK"
+
+
+class WorkloadMode(StrEnum):
+    UNDEFINED = "UNDEFINED"
+    CLIENT = "CLIENT"
+    SERVER = "SERVER"
+    CLIENT_AND_SERVER = "CLIENT_AND_SERVER"
+
+
+class EnvValueSource(StrEnum):
+    INLINE = "INLINE"
+    HOST = "HOST"

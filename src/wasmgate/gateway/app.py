@@ -1,0 +1,278 @@
+"""The gateway process: configuration -> plugins and routes -> listener + admin, hot reload,
+graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import signal
+from pathlib import Path
+
+from ..api.gateway import Cluster, Gateway, GatewayMeta, GatewaySpec, Route
+from ..api.loading import config_files, load_paths
+from ..api.ordering import select_plugins
+from ..chain import FilterChain
+from ..runtime.plugin import Plugin
+from ..runtime.vm import Limits
+from .admin import AdminServer
+from .host import GatewayHost
+from .plugins import ManagedSlot, PluginManager
+from .proxy import ProxyState, Router
+from .server import DownstreamProtocol
+from .stats import GatewayStats, render_gateway, render_plugin_metrics
+from .upstream import UpstreamPools
+
+log = logging.getLogger("wasmgate.gateway")
+_SECRET = re.compile(r"secret|password|passwd|token|credential|api[-_]?key", re.IGNORECASE)
+
+
+class ConfigInvalid(Exception):
+    """The configuration cannot be used (the message lists every error)."""
+
+
+class GatewayApp:
+    def __init__(self, config_paths: list[Path], *, listen: tuple[str, int] | None = None,
+                 admin: tuple[str, int] | None = None, upstream: str | None = None,
+                 drain_seconds: float = 10.0, reload_interval: float = 1.0,
+                 reuse_port: bool = False) -> None:
+        self.config_paths = config_paths
+        self.overrides = {"listen": listen, "admin": admin, "upstream": upstream}
+        self.drain_seconds = drain_seconds
+        self.reload_interval = reload_interval
+        self.reuse_port = reuse_port
+        self.pools = UpstreamPools()
+        self.stats = GatewayStats()
+        self.connections: set[DownstreamProtocol] = set()
+        self.config_errors: list[str] = []
+        self.gateway: Gateway | None = None
+        self.state: ProxyState | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.admin = AdminServer(self)
+        self._ids = itertools.count(1)
+        self._mtimes: dict[Path, float] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._generation = 0
+        self._stopping = asyncio.Event()
+        self.plugins: PluginManager = None  # type: ignore[assignment]
+
+    # -- configuration -----------------------------------------------------------------------
+    def _load(self) -> tuple[Gateway, list[object]]:
+        result = load_paths(self.config_paths)
+        errors = [str(e) for e in result.errors]
+        if errors and not (result.plugins or result.gateways):
+            raise ConfigInvalid("\n".join(errors))
+        self.config_errors = errors
+        for error in errors:
+            log.error("config: %s", error)
+        gateway = result.gateways[0] if result.gateways else Gateway(
+            metadata=GatewayMeta(name="default"))
+        return self._apply_overrides(gateway), list(result.plugins)
+
+    def _apply_overrides(self, gateway: Gateway) -> Gateway:
+        spec = gateway.spec.model_copy()
+        if self.overrides["listen"]:
+            spec = spec.model_copy(update={"listen": _address(self.overrides["listen"])})
+        if self.overrides["admin"]:
+            spec = spec.model_copy(update={"admin": _address(self.overrides["admin"])})
+        upstream = self.overrides["upstream"]
+        if upstream:
+            cluster = Cluster(name="default", endpoints=[str(upstream)])
+            route = Route(name="default", cluster="default")
+            spec = spec.model_copy(update={
+                "clusters": [c for c in spec.clusters if c.name != "default"] + [cluster],
+                "routes": [route, *spec.routes]})
+        GatewaySpec.model_validate(spec.model_dump())
+        return gateway.model_copy(update={"spec": spec})
+
+    def _select(self, gateway: Gateway, plugins: list[object]) -> list[object]:
+        spec = gateway.spec
+        return list(select_plugins(plugins, spec.labels, spec.namespace,  # type: ignore[arg-type]
+                                   root_namespace=spec.root_namespace, port=spec.listen.port))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        gateway, resources = self._load()
+        self.gateway = gateway
+        router = Router(gateway.spec)
+        host = GatewayHost(loop, self.pools, router.resolve)
+        limits = _limits(gateway.spec)
+        self.plugins = PluginManager(host, limits=limits)
+        managed = self.plugins.prepare(self._select(gateway, resources))  # type: ignore[arg-type]
+        self.plugins.install(managed)
+        self._swap(router, managed)
+        listen = gateway.spec.listen
+        self.server = await loop.create_server(self._protocol, listen.host, listen.port,
+                                               reuse_port=self.reuse_port or None, backlog=1024)
+        admin = gateway.spec.admin
+        await self.admin.start(admin.host, admin.port)
+        self._remember_mtimes()
+        if self.reload_interval > 0:
+            self._watcher = loop.create_task(self._watch())
+        log.info("listening on %s:%d, admin on %s:%d, %d plugin(s)", listen.host, self.port,
+                 admin.host, self.admin.port, len(managed))
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> DownstreamProtocol:
+        protocol = DownstreamProtocol(lambda: self.state, next(self._ids),  # type: ignore
+                                      self.connections.discard)
+        self.connections.add(protocol)
+        return protocol
+
+    def _swap(self, router: Router, managed: list[ManagedSlot]) -> None:
+        self._generation += 1
+        chain = FilterChain([m.slot for m in managed],
+                            buffer_limit=self.gateway.spec.body_buffer_limit_bytes)  # type: ignore
+        self.state = ProxyState(router, chain if managed else None, self.pools, self.stats,
+                                self._generation)
+
+    async def reload(self) -> bool:
+        """Rebuild from the config files; the old config stays if anything is invalid."""
+        try:
+            gateway, resources = self._load()
+        except Exception as exc:
+            self.stats.reload_failures += 1
+            self.config_errors = [str(exc)]
+            log.error("reload refused, keeping the running configuration:\n%s", exc)
+            return False
+        router = Router(gateway.spec)
+        self.plugins.host.resolve = router.resolve
+        candidates = self.plugins.prepare(self._select(gateway, resources))  # type: ignore
+        await self.plugins.settle(candidates, timeout=120)
+        chosen = self.plugins.commit(candidates)
+        retired = self.plugins.install(chosen)
+        self.gateway = gateway
+        self._swap(router, chosen)
+        self.stats.reloads += 1
+        asyncio.get_running_loop().call_later(self.drain_seconds + 1, _close_plugins, retired,
+                                              self.plugins.host)
+        log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
+                 len(chosen))
+        return True
+
+    def _remember_mtimes(self) -> None:
+        self._mtimes = _mtimes(self.config_paths)
+
+    async def _watch(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.reload_interval)
+            current = _mtimes(self.config_paths)
+            if current != self._mtimes:
+                self._mtimes = current
+                await self.reload()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        await self._stopping.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_seconds), close."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.server is not None:
+            self.server.close()
+        deadline = asyncio.get_running_loop().time() + self.drain_seconds
+        while any(not c.idle for c in self.connections):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("drain timeout: closing %d busy connection(s)",
+                            sum(not c.idle for c in self.connections))
+                break
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.close()
+        await self.admin.close()
+        self.pools.close()
+        if self.plugins is not None:
+            _close_plugins([m.slot.plugin for m in self.plugins.managed.values()
+                            if m.slot.plugin is not None], self.plugins.host)
+            self.plugins.shutdown()
+
+    # -- admin views -------------------------------------------------------------------------
+    def plugin_statuses(self) -> list[dict[str, object]]:
+        out = []
+        for managed in self.plugins.managed.values():
+            info = managed.slot.describe()
+            plugin = managed.slot.plugin
+            info.update({"url": managed.resource.resolved_url(), "sha256": managed.sha256,
+                         "phase": str(managed.resource.spec.phase),
+                         "priority": managed.resource.spec.priority,
+                         "streams": managed.slot.streams, "callbacks": managed.slot.callbacks,
+                         "callback_seconds": round(managed.slot.callback_seconds, 6),
+                         "memory_bytes": plugin.memory_bytes() if plugin else 0,
+                         "abi": plugin.module.abi if plugin else None,
+                         "reload_error": self.plugins.errors.get(managed.slot.name)})
+            out.append(info)
+        return out
+
+    def config_dump(self) -> dict[str, object]:
+        gateway = self.gateway
+        dump_gateway = gateway.model_dump(mode="json", by_alias=True) if gateway else {}
+        for redis in dump_gateway.get("spec", {}).get("redis", []):
+            if redis.get("password"):
+                redis["password"] = "[redacted]"
+        plugins = []
+        for order, managed in enumerate(self.plugins.managed.values()):
+            resource = managed.resource.to_dict()
+            for env in resource.get("spec", {}).get("vmConfig", {}).get("env", []):
+                if _SECRET.search(env.get("name", "")) and "value" in env:
+                    env["value"] = "[redacted]"
+            plugins.append({"order": order, "filter_name": managed.slot.name,
+                            "status": managed.slot.status.value, "sha256": managed.sha256,
+                            "resource": resource})
+        return {"generation": self._generation, "gateway": dump_gateway, "plugins": plugins,
+                "config_errors": self.config_errors}
+
+    def prometheus_lines(self) -> list[str]:
+        metrics = self.plugins.host.metric_store.all() if self.plugins else []
+        return render_plugin_metrics(metrics) + render_gateway(self.stats,
+                                                               self.plugin_statuses())
+
+
+def _close_plugins(plugins: list[Plugin], host: GatewayHost) -> None:
+    for plugin in plugins:
+        host.stop_plugin(plugin)
+        try:
+            plugin.close()
+        except Exception as exc:  # closing must never take the gateway down
+            log.warning("closing plugin %s: %s", plugin.describe(), exc)
+
+
+def _mtimes(paths: list[Path]) -> dict[Path, float]:
+    found: dict[Path, float] = {}
+    for path in paths:
+        for file in config_files(Path(path)) if Path(path).exists() else []:
+            try:
+                found[file] = file.stat().st_mtime
+            except OSError:
+                continue
+    return found
+
+
+def _address(value: tuple[str, int]) -> str:
+    return f"{value[0]}:{value[1]}"
+
+
+def _limits(spec: GatewaySpec) -> Limits:
+    limits = spec.limits
+    if limits is None:
+        return Limits()
+    defaults = Limits()
+    return Limits(memory_bytes=(limits.memory_mib << 20) if limits.memory_mib
+                  else defaults.memory_bytes,
+                  callback_seconds=(limits.callback_ms / 1000) if limits.callback_ms
+                  else defaults.callback_seconds)

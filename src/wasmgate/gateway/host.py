@@ -1,0 +1,149 @@
+"""The gateway as the plugins' embedder: ticks, http_calls, queues and logs on the event loop.
+
+Plugins may call out while they are being started in a worker thread (configure runs there),
+so every entry point hops onto the loop with `call_soon_threadsafe` when needed. Results are
+delivered back into the plugin on the loop; streams the plugin resumes wake through their
+chain stream's `on_wakeup`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..runtime.abi import LogLevel
+from ..runtime.errors import RuntimeFailure
+from ..runtime.host import Host, HttpCallRequest, UnknownUpstream, python_level
+from ..runtime.plugin import Plugin
+from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
+from .upstream import BufferedResponse, Endpoint, UpstreamPools
+
+if TYPE_CHECKING:
+    from ..api.gateway import Cluster
+
+log = logging.getLogger("wasmgate.gateway.host")
+wasm_log = logging.getLogger("wasmgate.wasm")
+
+Resolver = Callable[[str], "Cluster | tuple[str, int] | None"]
+
+
+class GatewayHost(Host):
+    """One per gateway process; every plugin of the process shares it (and its stores)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pools: UpstreamPools,
+                 resolve: Resolver) -> None:
+        super().__init__()
+        self.loop = loop
+        self.pools = pools
+        self.resolve = resolve
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._loop_thread = threading.get_ident()
+        self.on_crash: Callable[[Plugin, Exception], None] = lambda plugin, exc: None
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            self.loop.call_soon_threadsafe(fn)
+
+    # -- logs --------------------------------------------------------------------------------
+    def log(self, plugin: Plugin, level: LogLevel, message: str) -> None:
+        wasm_log.log(python_level(level), "wasm log%s: %s", plugin.log_prefix(), message)
+
+    # -- ticks -------------------------------------------------------------------------------
+    def set_tick_period(self, plugin: Plugin, period_ms: int) -> None:
+        self._on_loop(lambda: self._arm_tick(plugin, period_ms))
+
+    def _arm_tick(self, plugin: Plugin, period_ms: int) -> None:
+        old = self._timers.pop(id(plugin), None)
+        if old is not None:
+            old.cancel()
+        if period_ms > 0:
+            self._timers[id(plugin)] = self.loop.call_later(period_ms / 1000, self._tick, plugin)
+
+    def _tick(self, plugin: Plugin) -> None:
+        self._timers.pop(id(plugin), None)
+        if plugin.vm is None or plugin.failed:
+            return
+        try:
+            plugin.tick()
+        except RuntimeFailure as exc:
+            self.on_crash(plugin, exc)
+            return
+        if plugin.root.tick_period_ms > 0 and id(plugin) not in self._timers:
+            self._arm_tick(plugin, plugin.root.tick_period_ms)
+
+    def stop_plugin(self, plugin: Plugin) -> None:
+        timer = self._timers.pop(id(plugin), None)
+        if timer is not None:
+            timer.cancel()
+
+    # -- queues ------------------------------------------------------------------------------
+    def queue_ready(self, plugin: object, token: int) -> None:
+        if isinstance(plugin, Plugin):
+            self._on_loop(lambda: self.loop.call_soon(self._deliver_queue, plugin, token))
+
+    def _deliver_queue(self, plugin: Plugin, token: int) -> None:
+        if plugin.vm is not None and not plugin.failed:
+            try:
+                plugin.deliver_queue_ready(token)
+            except RuntimeFailure as exc:
+                self.on_crash(plugin, exc)
+
+    # -- http_call ---------------------------------------------------------------------------
+    def http_call(self, plugin: Plugin, request: HttpCallRequest) -> None:
+        target = self.resolve(request.upstream)
+        if target is None:
+            raise UnknownUpstream(request.upstream)
+        if isinstance(target, tuple):
+            endpoint, timeout_default = Endpoint(target[0], target[1]), 15.0
+        else:
+            first = target.targets()[0]
+            endpoint, timeout_default = Endpoint(first.host, first.port), target.timeout_ms / 1000
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else timeout_default
+        self._on_loop(lambda: self.loop.create_task(
+            self._http_call(plugin, request, endpoint, timeout)))
+
+    async def _http_call(self, plugin: Plugin, request: HttpCallRequest, endpoint: Endpoint,
+                         timeout: float) -> None:
+        done: asyncio.Future[BufferedResponse] = self.loop.create_future()
+        sink = BufferedResponse(lambda r: done.done() or done.set_result(r))
+        connection = None
+        try:
+            connection = await self.pools.pool(endpoint).acquire(min(timeout, 5.0))
+            headers = request.headers
+            method = header_value(headers, b":method") or b"GET"
+            path = header_value(headers, b":path") or b"/"
+            out = [(b"host", header_value(headers, b":authority") or b""),
+                   *strip_hop_by_hop(headers)]
+            out, framing = choose_framing(out, not request.body)
+            connection.start(sink, request_head(method, path, out), method == b"HEAD")
+            if request.body:
+                connection.write(framing.encode(request.body, True))
+            response = await asyncio.wait_for(done, timeout)
+        except (OSError, TimeoutError) as exc:
+            if connection is not None:
+                connection.abandon()
+            log.debug("http_call to %s failed: %s", endpoint, exc)
+            self._deliver_failure(plugin, request.token)
+            return
+        if response.error is not None:
+            self._deliver_failure(plugin, request.token)
+            return
+        pairs = [(b":status", str(response.status).encode()), *response.headers]
+        self._deliver(plugin, lambda: plugin.deliver_http_call_response(
+            request.token, pairs, bytes(response.body), response.trailers))
+
+    def _deliver_failure(self, plugin: Plugin, token: int) -> None:
+        self._deliver(plugin, lambda: plugin.deliver_http_call_failure(token))
+
+    def _deliver(self, plugin: Plugin, action: Callable[[], None]) -> None:
+        if plugin.vm is None or plugin.failed:
+            return
+        try:
+            action()
+        except RuntimeFailure as exc:
+            self.on_crash(plugin, exc)

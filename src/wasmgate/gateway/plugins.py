@@ -1,0 +1,166 @@
+"""Turning WasmPlugin resources into running plugin slots, in the background.
+
+The gateway serves at once: a slot whose module is still being fetched, compiled and started
+stands in per failStrategy until it is ready. Fetching, compiling (seconds for a Go plugin)
+and `on_configure` run in a worker thread. On reload, a plugin whose inputs did not change
+keeps its running slot; a changed one is built and configured first (a canary) and replaces
+the old one only if that worked - otherwise the old one stays and the error is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..api.resources import FailStrategy as ApiFailStrategy
+from ..api.resources import WasmPlugin
+from ..chain import FailStrategy, PluginSlot, SlotStatus
+from ..fetch import FetchError, fetch_module
+from ..runtime.abi import LogLevel
+from ..runtime.errors import RuntimeFailure
+from ..runtime.module import PluginModule
+from ..runtime.plugin import Plugin, PluginConfig
+from ..runtime.vm import Limits
+from .host import GatewayHost
+
+log = logging.getLogger("wasmgate.gateway.plugins")
+
+_FAIL = {ApiFailStrategy.FAIL_CLOSE: FailStrategy.FAIL_CLOSE,
+         ApiFailStrategy.FAIL_OPEN: FailStrategy.FAIL_OPEN,
+         ApiFailStrategy.FAIL_RELOAD: FailStrategy.FAIL_RELOAD}
+
+
+def fingerprint(resource: WasmPlugin, env: dict[str, str]) -> str:
+    """Everything that, changed, needs a new plugin instance."""
+    spec = resource.spec
+    blob = json.dumps([resource.resolved_url(), spec.sha256, resource.root_id,
+                       resource.plugin_configuration_bytes().decode(), env,
+                       str(spec.fail_strategy)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class ManagedSlot:
+    resource: WasmPlugin
+    slot: PluginSlot
+    fingerprint: str
+    ready: asyncio.Future[None]
+    sha256: str | None = None
+    log_level: LogLevel = LogLevel.INFO
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class PluginManager:
+    def __init__(self, host: GatewayHost, *, limits: Limits | None = None,
+                 properties: dict[str, object] | None = None, workers: int = 2) -> None:
+        self.host = host
+        self.limits = limits or Limits()
+        self.properties = properties or {}
+        self.managed: dict[str, ManagedSlot] = {}
+        self.errors: dict[str, str] = {}  # filter name -> why its new version was refused
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wasmgate-load")
+        host.on_crash = self._on_crash
+
+    def prepare(self, resources: list[WasmPlugin]) -> list[ManagedSlot]:
+        """Slots for `resources` in order: reused when unchanged, else new and loading."""
+        result = []
+        for resource in resources:
+            env = resource.effective_env(os.environ)
+            fp = fingerprint(resource, env)
+            current = self.managed.get(resource.filter_name)
+            if current is not None and current.fingerprint == fp:
+                current.resource = resource
+                result.append(current)
+                continue
+            result.append(self._start(resource, env, fp))
+        return result
+
+    def _start(self, resource: WasmPlugin, env: dict[str, str], fp: str) -> ManagedSlot:
+        loop = asyncio.get_running_loop()
+        slot = PluginSlot(resource.filter_name, _FAIL[resource.spec.fail_strategy])
+        managed = ManagedSlot(resource, slot, fp, loop.create_future())
+        future = loop.run_in_executor(self._executor, self._load, managed, env)
+        future.add_done_callback(lambda f: self._loaded(managed, f))
+        return managed
+
+    def _load(self, managed: ManagedSlot, env: dict[str, str]) -> Plugin:
+        resource = managed.resource
+        data = fetch_module(resource.resolved_url(), resource.spec.sha256 or None)
+        managed.sha256 = hashlib.sha256(data).hexdigest()
+        module = PluginModule(data, source=resource.resolved_url())
+        config = PluginConfig(name=resource.filter_name, root_id=resource.root_id,
+                              configuration=resource.plugin_configuration_bytes(), env=env,
+                              log_level=managed.log_level, limits=self.limits,
+                              properties=dict(self.properties))
+        plugin = Plugin(module, config, self.host)
+        plugin.start()
+        return plugin
+
+    def _loaded(self, managed: ManagedSlot, future: asyncio.Future[Plugin]) -> None:
+        exc = future.exception()
+        if exc is None:
+            managed.slot.plugin = future.result()
+            managed.slot._status = SlotStatus.READY
+            log.info("plugin %s ready (sha256 %s)", managed.slot.name, (managed.sha256 or "")[:12])
+        else:
+            if not isinstance(exc, FetchError | RuntimeFailure):
+                log.error("plugin %s: unexpected error while loading", managed.slot.name,
+                          exc_info=exc)
+            managed.slot.mark_failed(str(exc))
+            log.error("plugin %s failed to load: %s", managed.slot.name, exc)
+        if not managed.ready.done():
+            managed.ready.set_result(None)
+
+    async def settle(self, managed: list[ManagedSlot], timeout: float) -> None:
+        pending = [m.ready for m in managed if not m.ready.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    def commit(self, candidates: list[ManagedSlot]) -> list[ManagedSlot]:
+        """After a reload's candidates settled: keep the old slot where the new one failed."""
+        chosen: list[ManagedSlot] = []
+        self.errors = {}
+        for candidate in candidates:
+            name = candidate.slot.name
+            old = self.managed.get(name)
+            failed = candidate.slot.status == SlotStatus.FAILED and candidate.slot.plugin is None
+            if failed and old is not None and old is not candidate and (
+                    old.slot.status == SlotStatus.READY):
+                self.errors[name] = candidate.slot.error or "failed"
+                log.error("plugin %s: new version refused, keeping the running one: %s", name,
+                          candidate.slot.error)
+                chosen.append(old)
+            else:
+                chosen.append(candidate)
+        return chosen
+
+    def install(self, chosen: list[ManagedSlot]) -> list[Plugin]:
+        """Make `chosen` the current set; return plugins no longer used (close them later)."""
+        keep = {id(m.slot) for m in chosen}
+        retired = [m.slot.plugin for m in self.managed.values()
+                   if id(m.slot) not in keep and m.slot.plugin is not None]
+        self.managed = {m.slot.name: m for m in chosen}
+        return retired
+
+    def set_log_level(self, name: str, level: LogLevel) -> list[str]:
+        changed = []
+        for managed in self.managed.values():
+            if name in ("all", managed.slot.name, managed.resource.name):
+                managed.log_level = level
+                if managed.slot.plugin is not None:
+                    managed.slot.plugin.set_log_level(level)
+                changed.append(managed.slot.name)
+        return changed
+
+    def _on_crash(self, plugin: Plugin, exc: Exception) -> None:
+        for managed in self.managed.values():
+            if managed.slot.plugin is plugin:
+                managed.slot.on_crash(str(exc))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,86 @@
+"""Running the gateway from the command line: logging, the event loop, worker processes.
+
+With `--workers N` the parent starts N processes that each run a full gateway on the same
+port (SO_REUSEPORT; the kernel spreads connections). Each worker has its own plugins, VMs,
+shared data and queues, as each Envoy worker thread has its own VMs; shared data and queues
+are NOT shared across workers yet. The admin endpoint is served by worker 0 only, and its
+stats cover that worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .app import ConfigInvalid, GatewayApp
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(level: str, access_log: bool) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT,
+                        stream=sys.stderr)
+    logging.getLogger("wasmgate.access").setLevel(logging.INFO if access_log else logging.WARNING)
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(app: GatewayApp) -> None:
+    await app.start()
+    await app.serve_forever()
+
+
+def _worker(configs: list[Path], options: dict[str, object], index: int) -> None:
+    setup_logging(str(options.pop("log_level")), bool(options.pop("access_log")))
+    _event_loop_policy()
+    if index > 0:
+        options["admin"] = ("127.0.0.1", 0)
+    app = GatewayApp(configs, reuse_port=True, **options)  # type: ignore[arg-type]
+    asyncio.run(_serve(app))
+
+
+def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
+                admin: tuple[str, int] | None, upstream: str | None, workers: int,
+                log_level: str, access_log: bool) -> int:
+    setup_logging(log_level, access_log)
+    if workers <= 1:
+        _event_loop_policy()
+        app = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream)
+        try:
+            asyncio.run(_serve(app))
+        except ConfigInvalid as exc:
+            logging.getLogger("wasmgate").error("invalid configuration:\n%s", exc)
+            return 2
+        except OSError as exc:
+            logging.getLogger("wasmgate").error("cannot start: %s", exc)
+            return 1
+        return 0
+    options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
+               "access_log": access_log}
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker, args=(configs, dict(options), i),
+                                 name=f"wasmgate-worker-{i}") for i in range(workers)]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.pid:
+                os.kill(process.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for process in processes:
+        process.join()
+    return max((p.exitcode or 0) for p in processes)

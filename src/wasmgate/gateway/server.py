@@ -1,0 +1,481 @@
+"""The downstream HTTP/1.1 server: one asyncio Protocol per connection, one Exchange per request.
+
+Hand-written on httptools + uvloop because the stack benchmark (bench/stack/README.md) showed
+it at several times aiohttp's requests/s, and the proxy needs per-event control anyway: each
+parser event feeds the filter chain, each chain action becomes a write, with no ASGI layer in
+between. Pipelined requests are answered in order (a later exchange's output waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ..chain import (
+    ChainAction,
+    ChainStream,
+    ForwardBody,
+    ForwardHeaders,
+    ForwardTrailers,
+    Reset,
+    SendBody,
+    SendHeaders,
+    SendTrailers,
+)
+from ..runtime.serde import Pairs
+from .http1 import (
+    Framing,
+    choose_framing,
+    header_value,
+    request_head,
+    response_head,
+    simple_response,
+    strip_hop_by_hop,
+)
+from .upstream import Endpoint, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .proxy import ProxyState
+
+log = logging.getLogger("wasmgate.gateway")
+access_log = logging.getLogger("wasmgate.access")
+
+
+@dataclass
+class RouteTarget:
+    """Where a request goes: what plugins see as route_name/cluster_name, and the endpoints."""
+
+    route_name: str
+    cluster_name: str
+    endpoints: list[Endpoint]
+    timeout: float = 15.0
+    connect_timeout: float = 5.0
+    _next: int = field(default=0, repr=False)
+
+    def pick(self) -> Endpoint:
+        endpoint = self.endpoints[self._next % len(self.endpoints)]
+        self._next += 1
+        return endpoint
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, state_getter: Callable[[], ProxyState], connection_id: int,
+                 on_close: Callable[[DownstreamProtocol], None]) -> None:
+        self._state_getter = state_getter
+        self.connection_id = connection_id
+        self._on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.peer = ("", 0)
+        self.local = ("", 0)
+        self.parser = httptools.HttpRequestParser(self)
+        self.exchanges: deque[Exchange] = deque()
+        self.closing = False
+        self._url = b""
+        self._headers: Pairs = []
+        self._current: Exchange | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.peer, self.local = (peer[0], peer[1]), (local[0], local[1])
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._error(501, b"upgrades are not supported\n")
+        except httptools.HttpParserError as exc:
+            self._error(400, f"malformed request: {exc}\n".encode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        for exchange in list(self.exchanges):
+            exchange.abort("downstream_remote_disconnect")
+        self.exchanges.clear()
+        self._on_close(self)
+
+    # -- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        exchange = Exchange(self, self._state_getter(), parser.get_method(), self._url,
+                            self._headers, parser.get_http_version(), parser.should_keep_alive())
+        self._current = exchange
+        self.exchanges.append(exchange)
+        if header_value(self._headers, b"expect") == b"100-continue" and self.transport:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        exchange.start()
+
+    def on_body(self, body: bytes) -> None:
+        if self._current is not None:
+            self._current.request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._current = self._current, None
+        if exchange is not None:
+            exchange.request_end()
+
+    # -- output ordering ---------------------------------------------------------------------
+    def write(self, exchange: Exchange, data: bytes) -> None:
+        if not data or self.transport is None or self.closing:
+            return
+        if self.exchanges and self.exchanges[0] is exchange:
+            self.transport.write(data)
+        else:
+            exchange.pending_output.append(data)
+
+    def finished(self, exchange: Exchange) -> None:
+        """The exchange wrote its whole response: let the next pipelined one write."""
+        if self.exchanges and self.exchanges[0] is exchange:
+            self.exchanges.popleft()
+            if not exchange.keep_alive:
+                self.close()
+                return
+            while self.exchanges and self.transport is not None:
+                head = self.exchanges[0]
+                for chunk in head.pending_output:
+                    self.transport.write(chunk)
+                head.pending_output.clear()
+                if not head.response_done:
+                    break
+                self.exchanges.popleft()
+                if not head.keep_alive:
+                    self.close()
+                    return
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _error(self, status: int, body: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(simple_response(status, body, keep_alive=False))
+        self.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self.exchanges
+
+
+class Exchange:
+    """One request: downstream events -> filter chain -> upstream, and back."""
+
+    def __init__(self, connection: DownstreamProtocol, state: ProxyState, method: bytes,
+                 target: bytes, headers: Pairs, version: str, keep_alive: bool) -> None:
+        self.connection = connection
+        self.state = state
+        self.started_at = time.monotonic()
+        self.method = method
+        self.version = version
+        self.keep_alive = keep_alive
+        self.pending_output: list[bytes] = []
+        self.response_done = False
+        self.status = 0
+        self.details = ""
+        self.bytes_sent = 0
+        self._upstream: UpstreamConnection | None = None
+        self._upstream_queue: list[bytes] | None = []
+        self._request_framing: Framing | None = None
+        self._response_framing: Framing | None = None
+        self._response_started = False
+        self._timeout: asyncio.TimerHandle | None = None
+        self._finished = False
+        self.headers = self._request_pairs(target, headers)
+        self.route = state.router.route(self.headers)
+        self.stream: ChainStream | None = None
+        if state.chain is not None and len(state.chain):
+            self.stream = state.chain.stream(self._attributes())
+            self.stream.on_wakeup = lambda _s: self._drain()
+
+    # -- request side ------------------------------------------------------------------------
+    def _request_pairs(self, target: bytes, headers: Pairs) -> Pairs:
+        host = header_value(headers, b"host") or b""
+        pairs: Pairs = [(b":method", self.method), (b":path", target or b"/"),
+                        (b":authority", host), (b":scheme", b"http")]
+        pairs.extend((k, v) for k, v in headers if k != b"host")
+        client = self.connection.peer[0].encode()
+        forwarded = header_value(headers, b"x-forwarded-for")
+        pairs = [(k, v) for k, v in pairs if k != b"x-forwarded-for"]
+        pairs.append((b"x-forwarded-for", forwarded + b", " + client if forwarded else client))
+        if header_value(headers, b"x-request-id") is None:
+            pairs.append((b"x-request-id", str(uuid.uuid4()).encode()))
+        return pairs
+
+    def _attributes(self) -> dict[str, object]:
+        conn = self.connection
+        route = self.route
+        return {"source.address": f"{conn.peer[0]}:{conn.peer[1]}", "source.port": conn.peer[1],
+                "destination.address": f"{conn.local[0]}:{conn.local[1]}",
+                "destination.port": conn.local[1], "connection.id": conn.connection_id,
+                "request.protocol": f"HTTP/{self.version}",
+                "request.time": time.time_ns(),
+                "xds.route_name": route.route_name if route else "",
+                "xds.cluster_name": route.cluster_name if route else ""}
+
+    def start(self) -> None:
+        eos = not self._has_body()
+        self.state.stats.requests += 1
+        if self.stream is None:
+            self._dispatch([ForwardHeaders(self.headers, eos)])
+            return
+        self.stream.request_headers(self.headers, eos)
+        self._drain()
+
+    def _has_body(self) -> bool:
+        length = header_value(self.headers, b"content-length")
+        if length is not None:
+            return length.strip() not in (b"", b"0")
+        return header_value(self.headers, b"transfer-encoding") is not None
+
+    def request_body(self, data: bytes) -> None:
+        if self.stream is None:
+            self._dispatch([ForwardBody(data, False)])
+            return
+        self.stream.request_body(data, False)
+        self._drain()
+
+    def request_end(self) -> None:
+        if not self._has_body():
+            return
+        if self.stream is None:
+            self._dispatch([ForwardBody(b"", True)])
+            return
+        self.stream.request_body(b"", True)
+        self._drain()
+
+    # -- chain actions -----------------------------------------------------------------------
+    def _drain(self) -> None:
+        if self.stream is not None:
+            self._dispatch(self.stream.take_actions())
+
+    def _dispatch(self, actions: list[ChainAction]) -> None:
+        for action in actions:
+            if isinstance(action, ForwardHeaders):
+                self._forward_headers(action.headers, action.end_of_stream)
+            elif isinstance(action, ForwardBody):
+                self._to_upstream(self._framing_encode(action.data, action.end_of_stream))
+                if action.end_of_stream:
+                    self._arm_timeout()
+            elif isinstance(action, ForwardTrailers):
+                self._to_upstream(self._framing_encode(b"", True, action.trailers))
+                self._arm_timeout()
+            elif isinstance(action, SendHeaders):
+                self._send_headers(action.headers, action.end_of_stream, action.details)
+            elif isinstance(action, SendBody):
+                self._send_body(action.data, action.end_of_stream)
+            elif isinstance(action, SendTrailers):
+                self._send_body(b"", True, action.trailers)
+            elif isinstance(action, Reset):
+                self.details = action.details
+                self.abort(action.details)
+                self.connection.close()
+
+    def _framing_encode(self, data: bytes, eos: bool, trailers: Pairs | None = None) -> bytes:
+        framing = self._request_framing
+        return framing.encode(data, eos, trailers) if framing else data
+
+    def _forward_headers(self, headers: Pairs, eos: bool) -> None:
+        route = self.state.router.route(headers) or self.route
+        if route is None:
+            self._router_reply(404, b"no route\n", "route_not_found")
+            return
+        self.route = route
+        method = header_value(headers, b":method") or self.method
+        path = header_value(headers, b":path") or b"/"
+        authority = header_value(headers, b":authority")
+        out = strip_hop_by_hop(headers)
+        if authority:
+            out.insert(0, (b"host", authority))
+        out, self._request_framing = choose_framing(out, eos)
+        head = request_head(method, path, out)
+        self._upstream_queue = [head]
+        asyncio.get_running_loop().create_task(self._connect(route, method == b"HEAD"))
+        if eos:
+            self._arm_timeout()
+
+    async def _connect(self, route: RouteTarget, head_request: bool) -> None:
+        endpoint = route.pick()
+        try:
+            connection = await self.state.pools.pool(endpoint).acquire(route.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            log.debug("connect to %s failed: %s", endpoint, exc)
+            self.state.stats.upstream_connect_failures += 1
+            self.on_upstream_error("upstream_reset_before_response_started{connection_failure}",
+                                   503)
+            return
+        if self._finished:
+            connection.pool.release(connection)
+            return
+        queued, self._upstream_queue = self._upstream_queue or [], None
+        self._upstream = connection
+        connection.start(self, queued[0], head_request)
+        for chunk in queued[1:]:
+            connection.write(chunk)
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self._upstream_queue is not None:
+            self._upstream_queue.append(data)
+        elif self._upstream is not None:
+            self._upstream.write(data)
+
+    def _arm_timeout(self) -> None:
+        if self._timeout is None and self.route is not None and self.route.timeout > 0:
+            self._timeout = asyncio.get_running_loop().call_later(
+                self.route.timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self._timeout = None
+        if not self._response_started and not self._finished:
+            self.state.stats.upstream_timeouts += 1
+            if self._upstream is not None:
+                self._upstream.abandon()
+                self._upstream = None
+            self._router_reply(504, b"upstream request timeout", "upstream_response_timeout")
+
+    # -- upstream response (ResponseSink) ----------------------------------------------------
+    def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        pairs: Pairs = [(b":status", str(status).encode()), *headers]
+        if self.stream is None:
+            self._dispatch([SendHeaders(pairs, end_of_stream)])
+        else:
+            self.stream.response_headers(pairs, end_of_stream)
+            self._drain()
+        self._response_eos_sent = end_of_stream
+
+    _response_eos_sent = False
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.stream is None:
+            self._dispatch([SendBody(data, False)])
+        else:
+            self.stream.response_body(data, False)
+            self._drain()
+
+    def on_response_end(self, trailers: Pairs) -> None:
+        self._upstream = None
+        if self._response_eos_sent:
+            return
+        if self.stream is None:
+            self._dispatch([SendBody(b"", True)])
+        else:
+            if trailers:
+                self.stream.response_trailers(trailers)
+            else:
+                self.stream.response_body(b"", True)
+            self._drain()
+
+    def on_upstream_error(self, details: str, status: int) -> None:
+        self._upstream = None
+        if self._response_started:
+            self.abort(details)
+            self.connection.close()
+            return
+        body = {503: b"upstream connect error or disconnect/reset before headers",
+                502: b"upstream protocol error"}.get(status, b"upstream error")
+        self._router_reply(status, body, details)
+
+    def _router_reply(self, status: int, body: bytes, details: str) -> None:
+        """A reply made by the proxy itself; it passes every plugin's response callbacks."""
+        if self.stream is None:
+            self.details = details
+            headers: Pairs = [(b":status", str(status).encode()),
+                              (b"content-type", b"text/plain"),
+                              (b"content-length", str(len(body)).encode())]
+            self._dispatch([SendHeaders(headers, False, details), SendBody(body, True)])
+            return
+        self.stream.upstream_reply(status, body, details)
+        self._drain()
+
+    # -- downstream response -----------------------------------------------------------------
+    def _send_headers(self, headers: Pairs, eos: bool, details: str) -> None:
+        if self._response_started:
+            return
+        self._response_started = True
+        self.details = details or self.details
+        status_raw = header_value(headers, b":status") or b"502"
+        self.status = int(status_raw) if status_raw.isdigit() else 502
+        out = strip_hop_by_hop(headers)
+        if self.method == b"HEAD":
+            eos = True
+        out, self._response_framing = choose_framing(out, eos)
+        if self.version == "1.0" and self._response_framing.chunked:
+            out = [(k, v) for k, v in out if k != b"transfer-encoding"]
+            self._response_framing = Framing(False, None)
+            self.keep_alive = False
+        if not self.keep_alive:
+            out.append((b"connection", b"close"))
+        self.connection.write(self, response_head(self.status, out, self.version.encode()))
+        if eos:
+            self._finish()
+
+    def _send_body(self, data: bytes, eos: bool, trailers: Pairs | None = None) -> None:
+        if self.response_done or not self._response_started:
+            return
+        framing = self._response_framing
+        if self.method != b"HEAD":
+            payload = framing.encode(data, eos, trailers) if framing else data
+            self.bytes_sent += len(data)
+            self.connection.write(self, payload)
+        if eos:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.response_done:
+            return
+        self.response_done = True
+        self._finished = True
+        if self._timeout is not None:
+            self._timeout.cancel()
+        if self.stream is not None:
+            self.stream.complete()
+        self.state.stats.record(self.status, time.monotonic() - self.started_at)
+        self._access_log()
+        self.connection.finished(self)
+
+    def abort(self, details: str) -> None:
+        """The client went away or the stream was reset: release everything."""
+        if self._finished:
+            return
+        self._finished = True
+        self.details = self.details or details
+        if self._timeout is not None:
+            self._timeout.cancel()
+        if self._upstream is not None:
+            self._upstream.abandon()
+            self._upstream = None
+        if self.stream is not None:
+            self.stream.complete()
+        self.state.stats.record(self.status or 0, time.monotonic() - self.started_at)
+
+    def _access_log(self) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            path = header_value(self.headers, b":path") or b""
+            access_log.info('%s "%s %s HTTP/%s" %d %s %d %.1fms', self.connection.peer[0],
+                            self.method.decode(), path.decode("latin-1"), self.version,
+                            self.status, self.details or "-", self.bytes_sent,
+                            (time.monotonic() - self.started_at) * 1000)

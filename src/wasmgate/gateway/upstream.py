@@ -1,0 +1,222 @@
+"""Upstream connections: a keep-alive pool per endpoint, responses parsed with httptools.
+
+A `UpstreamExchange` sends one request on a pooled connection and reports the response
+through a `ResponseSink` (headers, body chunks, end, or an error). Connect failures and
+timeouts are reported as errors with Envoy's details, so the caller can answer 503/504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import httptools
+
+from ..runtime.serde import Pairs
+
+log = logging.getLogger("wasmgate.upstream")
+
+
+class ResponseSink(Protocol):
+    def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self, trailers: Pairs) -> None: ...
+
+    def on_upstream_error(self, details: str, status: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to an endpoint; serves one exchange at a time."""
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: Pairs = []
+        self._head_request = False
+        self._reusable = True
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"upstream_protocol_error{{{exc}}}", 502)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.sink is not None:
+            details = ("upstream_reset_after_response_started{connection_termination}"
+                       if self._headers_seen
+                       else "upstream_reset_before_response_started{connection_termination}")
+            self._fail(details, 503)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+    _headers_seen = False
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._headers_seen = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_seen = True
+        status = self._parser.get_status_code()
+        self._reusable = self._parser.should_keep_alive()
+        no_body = self._head_request or status in (204, 304) or 100 <= status < 200
+        if self.sink is not None:
+            self.sink.on_response_headers(status, self._headers, no_body)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_response_end([])
+        if self._reusable and not self.closed:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    # -- use -----------------------------------------------------------------------------------
+    def start(self, sink: ResponseSink, head: bytes, head_request: bool) -> None:
+        self.sink = sink
+        self._head_request = head_request
+        self._parser = httptools.HttpResponseParser(self)
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def abandon(self) -> None:
+        """The downstream went away mid-exchange: this connection cannot be reused."""
+        self.sink = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def _fail(self, details: str, status: int) -> None:
+        sink, self.sink = self.sink, None
+        self.close()
+        if sink is not None:
+            sink.on_upstream_error(details, status)
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint."""
+
+    def __init__(self, endpoint: Endpoint, max_idle: int = 64) -> None:
+        self.endpoint = endpoint
+        self.max_idle = max_idle
+        self.idle: deque[UpstreamConnection] = deque()
+        self.active = 0
+
+    async def acquire(self, connect_timeout: float) -> UpstreamConnection:
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.closed:
+                return connection
+        loop = asyncio.get_running_loop()
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConnection(self), self.endpoint.host,
+                                   self.endpoint.port), connect_timeout)
+        return protocol
+
+    def release(self, connection: UpstreamConnection) -> None:
+        if len(self.idle) < self.max_idle:
+            self.idle.append(connection)
+        else:
+            connection.close()
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        if connection in self.idle:
+            self.idle.remove(connection)
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+class UpstreamPools:
+    """Endpoint -> pool, shared by every exchange of a gateway process."""
+
+    def __init__(self) -> None:
+        self._pools: dict[Endpoint, EndpointPool] = {}
+
+    def pool(self, endpoint: Endpoint) -> EndpointPool:
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = EndpointPool(endpoint)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+    def idle_connections(self) -> int:
+        return sum(len(p.idle) for p in self._pools.values())
+
+
+class BufferedResponse:
+    """A ResponseSink that collects a whole response (for plugin http_calls)."""
+
+    def __init__(self, done: Callable[[BufferedResponse], None]) -> None:
+        self.status = 0
+        self.headers: Pairs = []
+        self.body = bytearray()
+        self.trailers: Pairs = []
+        self.error: str | None = None
+        self._done = done
+
+    def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None:
+        self.status, self.headers = status, headers
+
+    def on_response_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_response_end(self, trailers: Pairs) -> None:
+        self.trailers = trailers
+        self._done(self)
+
+    def on_upstream_error(self, details: str, status: int) -> None:
+        self.error = details
+        self._done(self)
