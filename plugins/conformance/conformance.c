@@ -309,6 +309,57 @@ static int add_steps(const char *text, size_t len) {
   return added;
 }
 
+/* Decode one JSON string starting at text[*i] == '"' into b; advance *i past it. */
+static int json_string(const char *text, size_t len, size_t *i, sb_t *b) {
+  size_t k = *i + 1;
+  while (k < len && text[k] != '"') {
+    char c = text[k++];
+    if (c == '\\' && k < len) {
+      char e = text[k++];
+      c = e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
+      if (e == 'u' && k + 4 <= len) { c = '?'; k += 4; }
+    }
+    if (!c) c = '?';
+    sb_mem(b, &c, 1);
+  }
+  if (k >= len) return 0;
+  *i = k + 1;
+  return 1;
+}
+
+/* Istio sends pluginConfig as JSON: {"steps": "line\nline"} or {"steps": ["line", ...]}.
+   Returns the steps text (malloc'd, NUL-terminated) or NULL when `text` is not such JSON. */
+static char *json_steps(const char *text, size_t len, size_t *out_len) {
+  size_t i = 0;
+  while (i < len && is_space(text[i])) i++;
+  if (i >= len || text[i] != '{') return NULL;
+  const char *key = "\"steps\"";
+  size_t kl = strlen(key);
+  for (; i + kl <= len; i++) if (memcmp(text + i, key, kl) == 0) break;
+  if (i + kl > len) return NULL;
+  i += kl;
+  while (i < len && (is_space(text[i]) || text[i] == ':')) i++;
+  sb_t b = {0};
+  if (i < len && text[i] == '"') {
+    if (!json_string(text, len, &i, &b)) return NULL;
+  } else if (i < len && text[i] == '[') {
+    i++;
+    while (i < len && text[i] != ']') {
+      if (text[i] == '"') {
+        if (!json_string(text, len, &i, &b)) return NULL;
+        sb_str(&b, "\n");
+      } else {
+        i++;
+      }
+    }
+  } else {
+    return NULL;
+  }
+  sb_str(&b, "");
+  *out_len = b.n;
+  return b.p;
+}
+
 /* Read buffer `type` (size bytes) and append the steps it contains. */
 static void load_config(int cb, i32 type, i32 size) {
   if (size <= 0) return;
@@ -316,7 +367,14 @@ static void load_config(int cb, i32 type, i32 size) {
   i32 st = proxy_get_buffer_bytes(type, 0, size, (i32)(uintptr_t)&ptr, (i32)(uintptr_t)&len);
   int added = 0;
   if (st == 0 && ptr && len && in_memory(ptr, len)) {
-    added = add_steps((const char *)(uintptr_t)ptr, len);
+    size_t jl = 0;
+    char *steps_text = json_steps((const char *)(uintptr_t)ptr, len, &jl);
+    if (steps_text) {
+      added = add_steps(steps_text, jl);
+      free(steps_text);
+    } else {
+      added = add_steps((const char *)(uintptr_t)ptr, len);
+    }
   }
   if (st == 0 && ptr && in_memory(ptr, len)) free((void *)(uintptr_t)ptr);
   sb_t b = {0};

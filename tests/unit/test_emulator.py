@@ -94,3 +94,17 @@ def test_context_manager_closes_root() -> None:
         assert "enter vm_start 1 0" in emu.logs()
     assert "enter done 1" in emu.logs()
     assert "enter delete 1" in emu.logs()
+
+
+def test_conformance_accepts_istio_json_steps() -> None:
+    import json
+
+    config = json.dumps({"steps": ["request_headers log 2 s:json-array-ok"]})
+    emu = Emulator(CONFORMANCE, plugin_config=config).start()
+    emu.http_context().request_headers({":path": "/"})
+    assert "conf request_headers log status=0" in emu.logs()
+    assert "json-array-ok" in emu.logs()
+    single = json.dumps({"steps": "request_headers log 2 s:one\nrequest_headers log 2 s:two"})
+    emu = Emulator(CONFORMANCE, plugin_config=single).start()
+    emu.http_context().request_headers({":path": "/"})
+    assert ["one", "two"] == [m for m in emu.logs() if m in ("one", "two")]
