@@ -129,6 +129,19 @@ def with_tracer(em: Emulator, tracer: Tracer | None):
     return restore
 
 
+def calibrate() -> dict[str, float]:
+    """No-op crossing costs on the shared engine (bench/crossings.py, smaller N)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import crossings
+    from wasmgate.runtime.engine import shared_engine
+
+    n, reps = 50_000, 3
+    floor = crossings.python_loop_floor(n, reps)
+    guest = crossings.ours_guest(shared_engine(), n, reps, floor)
+    host = crossings.ours_host(shared_engine(), n, reps)
+    return {"guest_call_us": guest["add3"], "host_call_us": host["noop"]}
+
+
 def bench_emulator(label: str, em: Emulator, batch: int, batches: int,
                    profile: bool) -> dict:
     one, run = emulator_request(em)
@@ -154,9 +167,34 @@ def bench_emulator(label: str, em: Emulator, batch: int, batches: int,
         "traced_wasm_us": tracer.wasm_time / n * 1e6,
         "traced_host_fn_us": tracer.host_time / n * 1e6,
     }
+    allocs = allocations_per_request(em, run, min(batch, 1000))
+    result.update(allocs)
     if profile:
         result["profile"] = profile_text(run, batch)
     return result
+
+
+def allocations_per_request(em: Emulator, run, n: int) -> dict:
+    """Guest allocator calls made from inside host calls (not seen by the tracer), timed."""
+    vm = em.plugin.vm
+    original = vm.allocate
+    acc = [0.0, 0]
+    clock = time.perf_counter
+
+    def allocate(size: int) -> int:
+        t0 = clock()
+        try:
+            return original(size)
+        finally:
+            acc[0] += clock() - t0
+            acc[1] += 1
+    vm.allocate = allocate
+    try:
+        run(n)
+    finally:
+        del vm.allocate
+    return {"allocator_calls_per_request": acc[1] / n,
+            "allocator_us_per_call": acc[0] / acc[1] * 1e6 if acc[1] else 0.0}
 
 
 def profile_text(run, n: int, top: int = 30) -> str:
@@ -224,13 +262,15 @@ class StockHost:
         self.maps: dict[int, list[tuple[bytes, bytes]]] = {}
         self.calls = Counter()
         self.memory: wasmtime.Memory | None = None
+        self.counting = False
         linker = wasmtime.Linker(self.engine)
         seen = set()
         for imp in self.module.imports:
             if (imp.module, imp.name) in seen:
                 continue
             seen.add((imp.module, imp.name))
-            impl = getattr(self, imp.name, None) or self._stub(imp.name, imp.type)
+            impl = self._counted(imp.name, getattr(self, imp.name, None)
+                                 or self._stub(imp.name, imp.type))
             linker.define_func(imp.module, imp.name, imp.type, impl, access_caller=True)
         self.instance = linker.instantiate(self.store, self.module)
         ex = self.instance.exports(self.store)
@@ -253,9 +293,15 @@ class StockHost:
         returns = bool(ty.results)
 
         def stub(caller, *args):
-            self.calls[name] += 1
             return 0 if returns else None
         return stub
+
+    def _counted(self, name: str, impl):
+        def counted(caller, *args):
+            if self.counting:
+                self.calls[name] += 1
+            return impl(caller, *args)
+        return counted if name not in ("fd_write",) else impl
 
     # helpers
     def _read(self, caller, ptr: int, n: int) -> bytes:
@@ -360,17 +406,23 @@ def bench_stock(wasm: Path, batch: int, batches: int) -> dict:
     def run(n: int) -> None:
         for _ in range(n):
             host.request()
-    # stock is ~25x slower: fewer requests per batch
-    small = max(100, batch // 10)
+    # stock is several times slower: fewer requests per batch
+    small = max(100, batch // 5)
     med, per = median_us(run, small, batches)
+    host.counting = True
+    host.calls.clear()
+    run(100)
+    host.counting = False
+    calls = {k: v / 100 for k, v in host.calls.most_common()}
     return {"label": "transformer (Go) — naive stock wasmtime-py host", "us_per_request": med,
-            "batches_us": per, "batch": small,
+            "batches_us": per, "batch": small, "host_calls_per_request": sum(calls.values()),
+            "guest_calls_per_request": 6, "host_calls": calls,
             "missing_properties": {k.decode(): v for k, v in host.missing_properties.items()}}
 
 
 # -- main ----------------------------------------------------------------------------------------
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], cal: dict[str, float]) -> str:
     lines = ["| plugin / host | µs per request (median) | host calls / req "
              "| guest calls / req |", "|---|---:|---:|---:|"]
     for r in results:
@@ -382,20 +434,33 @@ def table(results: list[dict]) -> str:
     lines.append("Split of one request (one batch re-run with a timestamping tracer, which "
                  "itself adds ~1 µs per crossing; so the parts sum to more than the median):")
     lines.append("")
-    lines.append("| plugin | traced µs/req | in wasm (+crossing) | in host function bodies "
+    lines.append("| plugin | traced µs/req | in wasm (+crossings) | of which guest code "
+                 "(est.) | in host function bodies | of which guest allocator "
                  "| rest (Python host around guest calls) |")
-    lines.append("|---|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if "traced_wasm_us" not in r:
             continue
         rest = r["traced_us_per_request"] - r["traced_wasm_us"] - r["traced_host_fn_us"]
+        crossing = (r["guest_calls_per_request"] * cal["guest_call_us"]
+                    + r["host_calls_per_request"] * cal["host_call_us"])
+        pure = r["traced_wasm_us"] - crossing
+        r["estimated_guest_code_us"] = pure
+        alloc = r["allocator_calls_per_request"] * r["allocator_us_per_call"]
         lines.append(f"| {r['label']} | {r['traced_us_per_request']:.1f} "
-                     f"| {r['traced_wasm_us']:.1f} | {r['traced_host_fn_us']:.1f} "
-                     f"| {rest:.1f} |")
+                     f"| {r['traced_wasm_us']:.1f} | {pure:.1f} "
+                     f"| {r['traced_host_fn_us']:.1f} "
+                     f"| {alloc:.1f} ({r['allocator_calls_per_request']:g} × "
+                     f"{r['allocator_us_per_call']:.2f}) | {rest:.1f} |")
+    lines.append("")
+    lines.append(f"Guest code (est.) = in-wasm time − guest calls × {cal['guest_call_us']:.2f} µs "
+                 f"− host calls × {cal['host_call_us']:.2f} µs (no-op crossing costs measured "
+                 f"in this run). The guest allocator (`malloc`/`proxy_on_memory_allocate`, "
+                 f"called by the host to return bytes) is timed inside the host function bodies.")
     lines.append("")
     for r in results:
         if "host_calls" in r:
-            calls = ", ".join(f"`{k.split('.', 1)[1]}` {v:g}" for k, v in r["host_calls"].items())
+            calls = ", ".join(f"`{k.split('.')[-1]}` {v:g}" for k, v in r["host_calls"].items())
             lines.append(f"- {r['label']}: host calls per request: {calls}")
     return "\n".join(lines)
 
@@ -432,14 +497,15 @@ def main() -> None:
     if not args.skip_stock:
         results.append(bench_stock(wasm, args.batch, args.batches))
 
-    print(table(results))
+    cal = calibrate()
+    print(table(results, cal))
     if args.profile:
         for r in results:
             if "profile" in r:
                 print(f"\n### cProfile: {r['label']}\n```\n{r['profile']}```")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results}, f, indent=2, default=str)
+            json.dump({"calibration": cal, "results": results}, f, indent=2, default=str)
             f.write("\n")
 
 

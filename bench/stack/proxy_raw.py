@@ -38,7 +38,7 @@ class Upstream(asyncio.Protocol):
     """One keep-alive connection to the upstream; serves one exchange at a time."""
 
     __slots__ = ("pool", "transport", "parser", "sink", "method", "reason", "headers",
-                 "got_bytes", "closed", "paused_by_sink", "sink_paused_for_us")
+                 "got_bytes", "closed", "sink_paused_for_us", "until_close")
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
@@ -51,6 +51,7 @@ class Upstream(asyncio.Protocol):
         self.got_bytes = False
         self.closed = False
         self.sink_paused_for_us = False
+        self.until_close = False
 
     # -- driven by the sink ------------------------------------------------
     def start(self, head: bytes, sink, method: bytes) -> None:
@@ -59,6 +60,7 @@ class Upstream(asyncio.Protocol):
         self.reason = b""
         self.headers = []
         self.got_bytes = False
+        self.until_close = False
         self.transport.write(head)
 
     def send(self, data: bytes) -> None:
@@ -95,6 +97,9 @@ class Upstream(asyncio.Protocol):
         if self.sink is not None:
             # EOF before message_complete. httptools has no llhttp_finish(), so a
             # close-delimited body (no content-length, not chunked) ends HERE.
+            if self.until_close and exc is None:
+                self._done(False)
+                return
             self._fail(exc or ConnectionResetError("upstream closed"),
                        retriable=not self.got_bytes)
 
@@ -120,6 +125,13 @@ class Upstream(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             return
+        framed = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length" or (lname == b"transfer-encoding"
+                                              and b"chunked" in value.lower()):
+                framed = True
+        self.until_close = not framed
         sink.up_head(status, self.reason, self.headers, self)
         if self.method == b"HEAD" or status in NO_BODY_STATUS:
             # httptools can't be told "this answers a HEAD" (llhttp wants 1 from

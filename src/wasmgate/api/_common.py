@@ -65,11 +65,6 @@ def enum_coercer(enum: type[StrEnum]) -> Callable[[Any], Any]:
     return coerce
 
 
-def proto_enum(enum: type[StrEnum]) -> Any:
-    """``Annotated`` type of a protobuf enum field: names or numbers in, names out."""
-    return Annotated[enum, BeforeValidator(enum_coercer(enum))]
-
-
 def _check_subdomain(value: str) -> str:
     if len(value) > 253 or not DNS1123_SUBDOMAIN.match(value):
         raise ValueError(

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+from ._common import enum_coercer
 
 
 class Phase(StrEnum):
@@ -40,3 +45,12 @@ class WorkloadMode(StrEnum):
 class EnvValueSource(StrEnum):
     INLINE = "INLINE"
     HOST = "HOST"
+
+
+# Field types: the enum's name or its protobuf number in, the enum out.
+PhaseField = Annotated[Phase, BeforeValidator(enum_coercer(Phase))]
+ImagePullPolicyField = Annotated[ImagePullPolicy, BeforeValidator(enum_coercer(ImagePullPolicy))]
+FailStrategyField = Annotated[FailStrategy, BeforeValidator(enum_coercer(FailStrategy))]
+PluginTypeField = Annotated[PluginType, BeforeValidator(enum_coercer(PluginType))]
+WorkloadModeField = Annotated[WorkloadMode, BeforeValidator(enum_coercer(WorkloadMode))]
+EnvValueSourceField = Annotated[EnvValueSource, BeforeValidator(enum_coercer(EnvValueSource))]

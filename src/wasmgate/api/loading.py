@@ -75,12 +75,18 @@ _KubeLoader.yaml_implicit_resolvers = {
 
 
 def _yaml_documents(text: str) -> Iterator[tuple[Any, yaml.Node | None]]:
-    """(data, node) per document; a syntax error is raised where it occurs."""
+    """(data, node) per document; data is the ConstructorError when a document cannot be built
+    (duplicate keys, ...), and the next documents still load. A syntax error is raised."""
     loader = _KubeLoader(text)
     try:
         while loader.check_node():  # type: ignore[no-untyped-call]
             node = loader.get_node()  # type: ignore[no-untyped-call]
-            yield loader.construct_document(node), node  # type: ignore[no-untyped-call]
+            try:
+                yield loader.construct_document(node), node  # type: ignore[no-untyped-call]
+            except yaml.constructor.ConstructorError as exc:
+                loader.constructed_objects, loader.recursive_objects = {}, {}
+                loader.state_generators, loader.deep_construct = [], False
+                yield exc, node
     finally:
         loader.dispose()  # type: ignore[no-untyped-call]
 
@@ -133,14 +139,20 @@ class _Loading:
         count = 0
         try:
             for data, node in _yaml_documents(text):
-                self.document(data, node, file, count, ())
+                if isinstance(data, yaml.YAMLError):
+                    self._yaml_error(file, count, data)
+                else:
+                    self.document(data, node, file, count, ())
                 count += 1
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            said = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-            reason = "invalid YAML: " + (", ".join(s for s in said if s) or str(exc))
-            self._error(file, count, None, (), reason, line)
+            self._yaml_error(file, count, exc)
+
+    def _yaml_error(self, file: str, index: int, exc: yaml.YAMLError) -> None:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        said = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+        reason = "invalid YAML: " + (", ".join(s for s in said if s) or str(exc))
+        self._error(file, index, None, (), reason, line)
 
     def document(self, data: Any, node: yaml.Node | None, file: str, index: int, at: Loc) -> None:
         if data is None:

@@ -25,14 +25,20 @@ from pydantic import (
 )
 
 from . import urls
-from ._common import INT32_MAX, INT32_MIN, DnsLabel, DnsSubdomain, PathError, SpecModel, proto_enum
+from ._common import INT32_MAX, INT32_MIN, DnsLabel, DnsSubdomain, PathError, SpecModel
 from .enums import (
     EnvValueSource,
+    EnvValueSourceField,
     FailStrategy,
+    FailStrategyField,
     ImagePullPolicy,
+    ImagePullPolicyField,
     Phase,
+    PhaseField,
     PluginType,
+    PluginTypeField,
     WorkloadMode,
+    WorkloadModeField,
 )
 from .gateway import Cluster, Gateway, GatewaySpec, Redis, Route
 from .pluginconfig import encode_plugin_config, normalise_plugin_config
@@ -171,7 +177,7 @@ class PortSelector(SpecModel):
 
 
 class TrafficSelector(SpecModel):
-    mode: proto_enum(WorkloadMode) = WorkloadMode.UNDEFINED  # type: ignore[valid-type]
+    mode: WorkloadModeField = WorkloadMode.UNDEFINED
     ports: list[PortSelector] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -189,7 +195,7 @@ class TrafficSelector(SpecModel):
 
 class EnvVar(SpecModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    value_from: proto_enum(EnvValueSource) = EnvValueSource.INLINE  # type: ignore[valid-type]
+    value_from: EnvValueSourceField = EnvValueSource.INLINE
     value: Annotated[str, StringConstraints(max_length=2048)] | None = None
 
     @model_validator(mode="after")
@@ -224,7 +230,7 @@ class WasmPluginSpec(SpecModel):
     target_refs: list[PolicyTargetReference] = Field(default_factory=list, max_length=16)
     url: Annotated[str, AfterValidator(urls.check_url)]
     sha256: str = ""
-    image_pull_policy: proto_enum(ImagePullPolicy) = ImagePullPolicy.UNSPECIFIED_POLICY  # type: ignore[valid-type]
+    image_pull_policy: ImagePullPolicyField = ImagePullPolicy.UNSPECIFIED_POLICY
     image_pull_secret: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
     verification_key: str | None = None
     """Accepted and ignored, as in Istio."""
@@ -232,13 +238,13 @@ class WasmPluginSpec(SpecModel):
         default_factory=dict
     )
     plugin_name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
-    phase: proto_enum(Phase) = Phase.UNSPECIFIED_PHASE  # type: ignore[valid-type]
+    phase: PhaseField = Phase.UNSPECIFIED_PHASE
     priority: Priority | None = None
     """None = unset, which orders after every explicit value (INT32_MIN)."""
-    fail_strategy: proto_enum(FailStrategy) = FailStrategy.FAIL_CLOSE  # type: ignore[valid-type]
+    fail_strategy: FailStrategyField = FailStrategy.FAIL_CLOSE
     vm_config: VmConfig | None = None
     match: list[TrafficSelector] = Field(default_factory=list)
-    type: proto_enum(PluginType) = PluginType.UNSPECIFIED_PLUGIN_TYPE  # type: ignore[valid-type]
+    type: PluginTypeField = PluginType.UNSPECIFIED_PLUGIN_TYPE
 
     @field_validator("sha256")
     @classmethod
@@ -366,7 +372,7 @@ class WasmPlugin(SpecModel):
         known checksum (:meth:`pinned_sha256`) makes a cached module acceptable under any policy.
         """
         if self.spec.image_pull_policy is not ImagePullPolicy.UNSPECIFIED_POLICY:
-            return self.spec.image_pull_policy  # type: ignore[no-any-return]
+            return self.spec.image_pull_policy
         resolved = self.resolved_url()
         if self.url_scheme == "oci" and urls.url_path(resolved).endswith(":latest"):
             return ImagePullPolicy.ALWAYS

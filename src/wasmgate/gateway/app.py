@@ -11,7 +11,7 @@ import re
 import signal
 from pathlib import Path
 
-from ..api.gateway import Cluster, Gateway, GatewayMeta, GatewaySpec, Route
+from ..api.gateway import Gateway, GatewayMeta, GatewaySpec
 from ..api.loading import config_files, load_paths
 from ..api.ordering import select_plugins
 from ..chain import FilterChain
@@ -72,19 +72,19 @@ class GatewayApp:
         return self._apply_overrides(gateway), list(result.plugins)
 
     def _apply_overrides(self, gateway: Gateway) -> Gateway:
-        spec = gateway.spec.model_copy()
+        """CLI flags win over the Gateway document; the result is validated again."""
+        data = gateway.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
         if self.overrides["listen"]:
-            spec = spec.model_copy(update={"listen": _address(self.overrides["listen"])})
+            data["listen"] = _address(self.overrides["listen"])  # type: ignore[arg-type]
         if self.overrides["admin"]:
-            spec = spec.model_copy(update={"admin": _address(self.overrides["admin"])})
+            data["admin"] = _address(self.overrides["admin"])  # type: ignore[arg-type]
         upstream = self.overrides["upstream"]
         if upstream:
-            cluster = Cluster(name="default", endpoints=[str(upstream)])
-            route = Route(name="default", cluster="default")
-            spec = spec.model_copy(update={
-                "clusters": [c for c in spec.clusters if c.name != "default"] + [cluster],
-                "routes": [route, *spec.routes]})
-        GatewaySpec.model_validate(spec.model_dump())
+            data["clusters"] = [c for c in data.get("clusters", []) if c["name"] != "default"]
+            data["clusters"].append({"name": "default", "endpoints": [str(upstream)]})
+            data["routes"] = [{"name": "default", "cluster": "default"},
+                              *[r for r in data.get("routes", []) if r["name"] != "default"]]
+        spec = GatewaySpec.model_validate(data)
         return gateway.model_copy(update={"spec": spec})
 
     def _select(self, gateway: Gateway, plugins: list[object]) -> list[object]:

@@ -26,6 +26,10 @@ def setup_logging(level: str, access_log: bool) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT,
                         stream=sys.stderr)
     logging.getLogger("wasmgate.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    # Plugin logs are filtered by each plugin's own level (admin /logging); let them all through
+    # here, trace included.
+    logging.addLevelName(5, "TRACE")
+    logging.getLogger("wasmgate.wasm").setLevel(1)
 
 
 def _event_loop_policy() -> None:
