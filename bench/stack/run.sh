@@ -108,36 +108,37 @@ print(f"{100.0 * (tot - idle) / tot:.0f}" if tot else "0")
 EOF
 }
 
-start_proxy() {  # name -> sets PROXY_PID
-    local name="$1" upport="$2"
+start_proxy() {  # name upstream-port listen-port -> sets PROXY_PID
+    local name="$1" upport="$2" port="$3"
     case "$name" in
         nginx)
             render "$HERE/nginx.conf" "$RUN/proxy.conf"
-            sed -i "s#127.0.0.1:$UP_PORT;#127.0.0.1:$upport;#" "$RUN/proxy.conf"
+            sed -i -e "s#127.0.0.1:$UP_PORT;#127.0.0.1:$upport;#" \
+                -e "s#listen 127.0.0.1:$PROXY_PORT #listen 127.0.0.1:$port #" "$RUN/proxy.conf"
             taskset -c "$PROXY_CORE" timeout 900 "$NGINX" -p "$RUN" -c "$RUN/proxy.conf" \
                 -e "$RUN/proxy.error.log" &
             ;;
         aiohttp)
             taskset -c "$PROXY_CORE" timeout 900 "$PY" "$HERE/proxy_aiohttp.py" \
-                --port "$PROXY_PORT" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
+                --port "$port" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
             ;;
         raw)
             taskset -c "$PROXY_CORE" timeout 900 "$PY" "$HERE/proxy_raw.py" \
-                --port "$PROXY_PORT" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
+                --port "$port" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
             ;;
         uvicorn)
             taskset -c "$PROXY_CORE" timeout 900 "$PY" "$HERE/proxy_uvicorn.py" --client raw \
-                --port "$PROXY_PORT" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
+                --port "$port" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
             ;;
         uvicorn-aiohttp)
             taskset -c "$PROXY_CORE" timeout 900 "$PY" "$HERE/proxy_uvicorn.py" --client aiohttp \
-                --port "$PROXY_PORT" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
+                --port "$port" --upstream "127.0.0.1:$upport" >"$RUN/$name.log" 2>&1 &
             ;;
         *) echo "unknown proxy $name" >&2; return 1 ;;
     esac
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
-    wait_port "$PROXY_PORT"
+    wait_port "$port"
 }
 
 # ---------------------------------------------------------------- correctness
@@ -145,7 +146,7 @@ if [ "$CHECK" = 1 ]; then
     for name in $PROXIES; do
         [ "$name" = nginx ] && continue
         echo "== check $name (test upstream on :$TEST_UP_PORT)"
-        start_proxy "$name" "$TEST_UP_PORT"
+        start_proxy "$name" "$TEST_UP_PORT" "$PROXY_PORT"
         timeout 90 "$PY" "$HERE/check.py" --proxy-port "$PROXY_PORT" \
             --upstream-port "$TEST_UP_PORT" | tee "$OUT/check-$name.txt"
         stop_pid "$PROXY_PID"
@@ -165,17 +166,24 @@ taskset -c "$LOAD_CORE" wrk -t1 -c32 -d2s --latency "http://127.0.0.1:$UP_PORT/"
     | tee "$RUN/direct.txt" | grep -E "Requests/sec"
 
 # ---------------------------------------------------------------- load
+# All proxies run at once (each on its own port, all pinned to core 0; an idle one just
+# sits in epoll_wait) and the runs are interleaved round-robin, so that the slow drifts of
+# this shared VM hit every proxy alike instead of whichever one ran during a slow minute.
+declare -A PORT_OF
+idx=0
 for name in $PROXIES; do
-    echo "== bench $name"
-    start_proxy "$name" "$UP_PORT"
-    body="$(timeout 5 "$PY" -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$PROXY_PORT/', timeout=3).read().decode().strip())")"
-    echo "   body: $body"
-    taskset -c "$LOAD_CORE" wrk -t1 -c32 -d2s "http://127.0.0.1:$PROXY_PORT/" >/dev/null  # warm-up
-    for c in $CONNS; do
-        for i in $(seq 1 "$REPS"); do
+    PORT_OF[$name]=$((PROXY_PORT + idx)); idx=$((idx + 1))
+    start_proxy "$name" "$UP_PORT" "${PORT_OF[$name]}"
+    body="$(timeout 5 "$PY" -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:${PORT_OF[$name]}/', timeout=3).read().decode().strip())")"
+    echo "== $name on :${PORT_OF[$name]} (pid $PROXY_PID) body: $body"
+    taskset -c "$LOAD_CORE" wrk -t1 -c32 -d2s "http://127.0.0.1:${PORT_OF[$name]}/" >/dev/null  # warm-up
+done
+for c in $CONNS; do
+    for i in $(seq 1 "$REPS"); do
+        for name in $PROXIES; do
             c0="$(cpu_sample "$PROXY_CORE")"; l0="$(cpu_sample "$LOAD_CORE")"
             taskset -c "$LOAD_CORE" wrk -t1 -c"$c" -d"$DURATION" --latency \
-                "http://127.0.0.1:$PROXY_PORT/" >"$RUN/wrk.txt"
+                "http://127.0.0.1:${PORT_OF[$name]}/" >"$RUN/wrk.txt"
             c1="$(cpu_sample "$PROXY_CORE")"; l1="$(cpu_sample "$LOAD_CORE")"
             pb="$(cpu_busy "$c0" "$c1")"; lb="$(cpu_busy "$l0" "$l1")"
             "$PY" - "$name" "$c" "$i" "$pb" "$lb" "$RUN/wrk.txt" >>"$OUT/raw.tsv" <<'EOF'
@@ -196,7 +204,6 @@ EOF
             tail -1 "$OUT/raw.tsv"
         done
     done
-    stop_pid "$PROXY_PID"
 done
 
 # ---------------------------------------------------------------- table

@@ -10,3 +10,4 @@ mkdir -p build
 npx --no-install asc assembly/index.ts -b build/example.wasm --use abort=abort_proc_exit --optimize
 cp build/example.wasm example.wasm
 echo "example-as: built example.wasm ($(stat -c %s example.wasm) bytes)" >&2
+cp example.wasm ../../src/wasmgate/data/example.wasm  # the copy bundled for `wasmgate demo`

@@ -181,3 +181,23 @@ def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
     raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
                                  admin=_host_port(admin), upstream=upstream, workers=workers,
                                  log_level=log_level, access_log=access_log))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True)
+@click.option("--admin", default="127.0.0.1:9901", show_default=True)
+def demo(listen: str, admin: str) -> None:
+    """Start the gateway with the bundled example plugin in front of a built-in upstream."""
+    import asyncio
+
+    from .gateway.demo import run_demo
+    from .gateway.runner import _event_loop_policy, setup_logging
+
+    setup_logging("info", access_log=True)
+    _event_loop_policy()
+    try:
+        asyncio.run(run_demo(listen, admin))
+    except OSError as exc:
+        _fail(f"cannot start the demo gateway: {exc} (try --listen/--admin other ports)")
+    except KeyboardInterrupt:
+        pass

@@ -59,7 +59,7 @@ class _KubeLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             if isinstance(key, list | dict) or key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate or unhashable key {key!r}", key_node.start_mark
@@ -79,16 +79,16 @@ def _yaml_documents(text: str) -> Iterator[tuple[Any, yaml.Node | None]]:
     (duplicate keys, ...), and the next documents still load. A syntax error is raised."""
     loader = _KubeLoader(text)
     try:
-        while loader.check_node():  # type: ignore[no-untyped-call]
-            node = loader.get_node()  # type: ignore[no-untyped-call]
+        while loader.check_node():
+            node = loader.get_node()
             try:
-                yield loader.construct_document(node), node  # type: ignore[no-untyped-call]
+                yield loader.construct_document(node), node
             except yaml.constructor.ConstructorError as exc:
                 loader.constructed_objects, loader.recursive_objects = {}, {}
                 loader.state_generators, loader.deep_construct = [], False
                 yield exc, node
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
 
 
 def _line_of(node: yaml.Node | None, loc: Loc) -> int | None:

@@ -240,7 +240,7 @@ class WasmPluginSpec(SpecModel):
     plugin_name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     phase: PhaseField = Phase.UNSPECIFIED_PHASE
     priority: Priority | None = None
-    """None = unset, which orders after every explicit value (INT32_MIN)."""
+    """None = unset: orders as INT32_MIN, i.e. after every other explicit value."""
     fail_strategy: FailStrategyField = FailStrategy.FAIL_CLOSE
     vm_config: VmConfig | None = None
     match: list[TrafficSelector] = Field(default_factory=list)

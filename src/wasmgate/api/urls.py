@@ -10,7 +10,7 @@ has the scheme ``localhost`` and is rejected (we reject it too, with a hint), wh
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, cast
 
 Scheme = Literal["oci", "file", "http", "https"]
 ALLOWED_SCHEMES: frozenset[str] = frozenset({"oci", "file", "http", "https"})
@@ -70,8 +70,9 @@ def check_url(raw: str) -> str:
 def url_scheme(raw: str) -> Scheme:
     """The effective scheme of a valid url ("oci" when none is written)."""
     scheme = go_scheme(raw)[0] or "oci"
-    assert scheme in ALLOWED_SCHEMES, scheme
-    return scheme  # type: ignore[return-value]
+    if scheme not in ALLOWED_SCHEMES:
+        raise ValueError(f"unsupported scheme {scheme!r}")
+    return cast(Scheme, scheme)
 
 
 def resolve_url(raw: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..api.gateway import Gateway, GatewayMeta, GatewaySpec
 from ..api.loading import config_files, load_paths
-from ..api.ordering import select_plugins
+from ..api.ordering import select_for_gateway
 from ..chain import FilterChain
 from ..runtime.plugin import Plugin
 from ..runtime.vm import Limits
@@ -88,9 +88,7 @@ class GatewayApp:
         return gateway.model_copy(update={"spec": spec})
 
     def _select(self, gateway: Gateway, plugins: list[object]) -> list[object]:
-        spec = gateway.spec
-        return list(select_plugins(plugins, spec.labels, spec.namespace,  # type: ignore[arg-type]
-                                   root_namespace=spec.root_namespace, port=spec.listen.port))
+        return list(select_for_gateway(plugins, gateway))  # type: ignore[arg-type]
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
