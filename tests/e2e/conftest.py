@@ -38,8 +38,11 @@ class EchoHandler(BaseHTTPRequestHandler):
         self._answer()
 
     def _answer(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
         if self.path.startswith("/slow"):
             time.sleep(1.5)
         status = int(self.path.split("/")[2]) if self.path.startswith("/status/") else 200
@@ -53,6 +56,17 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("x-upstream", "echo")
         self.end_headers()
         self.wfile.write(payload)
+
+    def _read_chunked(self) -> bytes:
+        body = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline()
 
     def log_message(self, *args: object) -> None:
         pass

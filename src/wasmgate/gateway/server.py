@@ -202,7 +202,12 @@ class Exchange:
         self._response_started = False
         self._timeout: asyncio.TimerHandle | None = None
         self._finished = False
+        self._body_ended = False
         self.headers = self._request_pairs(target, headers)
+        length = header_value(self.headers, b"content-length")
+        # With a known length the last chunk carries end_of_stream itself (as Envoy's codec
+        # does), saving the plugins an empty final body callback.
+        self._remaining = int(length) if length is not None and length.isdigit() else None
         self.route = state.router.route(self.headers)
         self.stream: ChainStream | None = None
         if state.chain is not None and len(state.chain):
@@ -250,15 +255,21 @@ class Exchange:
         return header_value(self.headers, b"transfer-encoding") is not None
 
     def request_body(self, data: bytes) -> None:
+        eos = False
+        if self._remaining is not None:
+            self._remaining -= len(data)
+            eos = self._remaining <= 0
+        self._body_ended = eos
         if self.stream is None:
-            self._dispatch([ForwardBody(data, False)])
+            self._dispatch([ForwardBody(data, eos)])
             return
-        self.stream.request_body(data, False)
+        self.stream.request_body(data, eos)
         self._drain()
 
     def request_end(self) -> None:
-        if not self._has_body():
+        if not self._has_body() or self._body_ended:
             return
+        self._body_ended = True
         if self.stream is None:
             self._dispatch([ForwardBody(b"", True)])
             return
@@ -369,11 +380,13 @@ class Exchange:
 
     _response_eos_sent = False
 
-    def on_response_body(self, data: bytes) -> None:
+    def on_response_body(self, data: bytes, end_of_stream: bool = False) -> None:
+        if end_of_stream:
+            self._response_eos_sent = True
         if self.stream is None:
-            self._dispatch([SendBody(data, False)])
+            self._dispatch([SendBody(data, end_of_stream)])
         else:
-            self.stream.response_body(data, False)
+            self.stream.response_body(data, end_of_stream)
             self._drain()
 
     def on_response_end(self, trailers: Pairs) -> None:

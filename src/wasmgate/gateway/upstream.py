@@ -24,7 +24,7 @@ log = logging.getLogger("wasmgate.upstream")
 class ResponseSink(Protocol):
     def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None: ...
 
-    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_body(self, data: bytes, end_of_stream: bool = False) -> None: ...
 
     def on_response_end(self, trailers: Pairs) -> None: ...
 
@@ -95,12 +95,23 @@ class UpstreamConnection(asyncio.Protocol):
         status = self._parser.get_status_code()
         self._reusable = self._parser.should_keep_alive()
         no_body = self._head_request or status in (204, 304) or 100 <= status < 200
+        length = next((v for k, v in self._headers if k == b"content-length"), None)
+        self._remaining = int(length) if length is not None and length.isdigit() else None
+        if length == b"0":
+            no_body = True
         if self.sink is not None:
             self.sink.on_response_headers(status, self._headers, no_body)
 
+    _remaining: int | None = None
+
     def on_body(self, body: bytes) -> None:
+        """With a known length the last chunk carries end_of_stream."""
+        eos = False
+        if self._remaining is not None:
+            self._remaining -= len(body)
+            eos = self._remaining <= 0
         if self.sink is not None:
-            self.sink.on_response_body(body)
+            self.sink.on_response_body(body, eos)
 
     def on_message_complete(self) -> None:
         sink, self.sink = self.sink, None
@@ -210,7 +221,7 @@ class BufferedResponse:
     def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None:
         self.status, self.headers = status, headers
 
-    def on_response_body(self, data: bytes) -> None:
+    def on_response_body(self, data: bytes, end_of_stream: bool = False) -> None:
         self.body += data
 
     def on_response_end(self, trailers: Pairs) -> None:

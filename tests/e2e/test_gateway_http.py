@@ -1,0 +1,135 @@
+"""HTTP behaviour of the gateway: bodies both ways, re-framing, keep-alive, shutdown, workers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from .conftest import Gateway
+from .test_gateway import conformance, example, gateway_doc
+
+Start = Callable[..., Gateway]
+
+
+def test_large_request_and_response_bodies_stream_through(start_gateway: Start,
+                                                         upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example())
+    body = b"x" * (5 << 20)  # larger than the 1 MiB buffer limit: streamed, not buffered
+    status, _, data = gateway.request("POST", "/upload", body=body,
+                                      headers={"content-type": "application/octet-stream"})
+    assert status == 200
+    echo = json.loads(data)
+    assert len(echo["body"]) == len(body)
+
+
+def test_chunked_request_is_forwarded(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example())
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.putrequest("POST", "/chunked")
+    conn.putheader("transfer-encoding", "chunked")
+    conn.endheaders()
+    for part in (b"hello ", b"chunked ", b"world"):
+        conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+    conn.send(b"0\r\n\r\n")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert json.loads(response.read())["body"] == "hello chunked world"
+    conn.close()
+
+
+def test_plugin_body_rewrites_both_ways(start_gateway: Start, upstream: str) -> None:
+    """A plugin that rewrites bodies removes content-length (as Envoy requires); the gateway
+    then frames the rewritten bodies with chunked encoding."""
+    steps = ["request_headers remove_header_map_value 0 s:content-length",
+             "request_body set_buffer_bytes 0 0 0x7fffffff s:REWRITTEN-BY-WASM",
+             "response_headers remove_header_map_value 2 s:content-length",
+             "response_body set_buffer_bytes 1 0 0x7fffffff s:short"]
+    gateway = start_gateway(gateway_doc(upstream) + conformance("rewriter", steps))
+    status, headers, data = gateway.request("POST", "/rewrite", body=b"original body",
+                                            headers={"content-type": "text/plain"})
+    assert status == 200
+    assert data == b"short"
+    assert headers.get("transfer-encoding") == "chunked"
+
+
+def test_buffering_plugin_past_the_limit_gets_413(start_gateway: Start, upstream: str) -> None:
+    config = gateway_doc(upstream).replace("  labels:", "  bodyBufferLimitBytes: 1000\n  labels:")
+    gateway = start_gateway(config + conformance("buffers", ["request_body return 1"]))
+    status, _, _ = gateway.request("POST", "/big", body=b"y" * 5000)
+    assert status == 413
+
+
+def test_keep_alive_reuses_the_connection(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example())
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    for i in range(20):
+        conn.request("GET", f"/ka/{i}")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["path"] == f"/ka/{i}"
+    conn.close()
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[bytes]:
+    data, bodies = b"", []
+    deadline = time.monotonic() + 10
+    while len(bodies) < count and time.monotonic() < deadline:
+        data += sock.recv(65536)
+        while b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            if len(rest) < length:
+                break
+            bodies.append(rest[:length])
+            data = rest[length:]
+    return bodies
+
+
+def test_pipelined_requests_are_answered_in_order(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example())
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3)))
+        bodies = _read_responses(sock, 3)
+    assert [json.loads(b)["path"] for b in bodies] == ["/p0", "/p1", "/p2"]
+
+
+def test_request_id_and_forwarded_for(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example())
+    echo = json.loads(gateway.get("/ids", headers={"x-forwarded-for": "10.0.0.9"})[2])
+    headers = dict(echo["headers"])
+    assert headers["x-forwarded-for"] == "10.0.0.9, 127.0.0.1"
+    assert len(headers["x-request-id"]) == 36
+    echo = json.loads(gateway.get("/ids", headers={"x-request-id": "mine"})[2])
+    assert dict(echo["headers"])["x-request-id"] == "mine"
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(start_gateway: Start,
+                                                      upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream).replace("timeoutMs: 1000", "timeoutMs: 5000")
+                            + example())
+    result: list[int] = []
+    slow = threading.Thread(target=lambda: result.append(gateway.get("/slow")[0]))
+    slow.start()
+    time.sleep(0.5)
+    gateway.process.send_signal(signal.SIGTERM)
+    slow.join(10)
+    assert result == [200]
+    assert gateway.process.wait(10) == 0
+    with pytest.raises(OSError):
+        gateway.get("/after")
+
+
+def test_workers_share_the_port(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example(), "--workers", "2")
+    statuses = [gateway.get(f"/w{i}")[0] for i in range(20)]
+    assert statuses == [200] * 20
+    log = gateway.logs()
+    assert log.count("plugin default.example ready") == 2
