@@ -24,7 +24,7 @@ TEST_UP_PORT="${TEST_UP_PORT:-18082}"
 PROXY_PORT="${PROXY_PORT:-18090}"
 PROXY_CORE="${PROXY_CORE:-0}"
 LOAD_CORE="${LOAD_CORE:-1}"
-OUT="$HERE/results"
+OUT="${OUT:-$HERE/results}"
 
 # ---------------------------------------------------------------- install
 need_apt=()

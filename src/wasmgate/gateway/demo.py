@@ -7,7 +7,6 @@ by the plugin with a local 403.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import tempfile
 from importlib.resources import files
