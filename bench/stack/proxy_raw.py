@@ -37,8 +37,19 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 class Upstream(asyncio.Protocol):
     """One keep-alive connection to the upstream; serves one exchange at a time."""
 
-    __slots__ = ("pool", "transport", "parser", "sink", "method", "reason", "headers",
-                 "got_bytes", "closed", "sink_paused_for_us", "until_close")
+    __slots__ = (
+        "closed",
+        "got_bytes",
+        "headers",
+        "method",
+        "parser",
+        "pool",
+        "reason",
+        "sink",
+        "sink_paused_for_us",
+        "transport",
+        "until_close",
+    )
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
@@ -143,7 +154,9 @@ class Upstream(asyncio.Protocol):
             self._done(keep)
 
     def on_body(self, body: bytes):
-        if self.sink is not None:
+        # Never pass an empty piece on: re-framed as chunked it would be "0\r\n\r\n",
+        # i.e. a premature end of the downstream message.
+        if body and self.sink is not None:
             self.sink.up_body(body)
 
     def on_message_complete(self):
@@ -256,8 +269,19 @@ def build_request_head(method: bytes, url: bytes, headers, client_ip: bytes,
 
 
 class Request:
-    __slots__ = ("method", "url", "headers", "http11", "keep_alive", "head",
-                 "chunked", "pending", "complete", "retried", "has_body")
+    __slots__ = (
+        "chunked",
+        "complete",
+        "has_body",
+        "head",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "pending",
+        "retried",
+        "url",
+    )
 
     def __init__(self):
         self.url = b""
@@ -346,6 +370,8 @@ class Downstream(asyncio.Protocol):
 
     def on_body(self, body: bytes):
         r = self.cur
+        if not body:
+            return
         r.has_body = True
         if r is self.active and self.up is not None:
             self.up.send(b"%x\r\n%b\r\n" % (len(body), body) if r.chunked else body)

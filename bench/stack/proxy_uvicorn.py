@@ -19,7 +19,7 @@ import sys
 from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxy_raw import HOP, NO_BODY_STATUS, UpstreamPool, build_request_head  # noqa: E402
+from proxy_raw import HOP, NO_BODY_STATUS, UpstreamPool, build_request_head
 
 HOP_STR = frozenset(h.decode() for h in HOP)
 
@@ -27,7 +27,7 @@ HOP_STR = frozenset(h.decode() for h in HOP)
 class AsgiSink:
     """Bridges the callback Upstream to awaitables for one exchange."""
 
-    __slots__ = ("loop", "head", "chunks", "waiter", "done", "error", "up", "paused")
+    __slots__ = ("chunks", "done", "error", "head", "loop", "paused", "up", "waiter")
 
     def __init__(self, loop):
         self.loop = loop
@@ -115,7 +115,7 @@ def make_raw_app(upstream: str, limit: int):
         client = scope.get("client")
         cip = client[0].encode() if client else b"unknown"
         head, chunked = build_request_head(method, url, scope["headers"], cip, uh)
-        has_body = any(n == b"content-length" and v != b"0" or n == b"transfer-encoding"
+        has_body = any((n == b"content-length" and v != b"0") or n == b"transfer-encoding"
                        for n, v in scope["headers"])
         for attempt in (0, 1):
             up = await pool.acquire_async()
