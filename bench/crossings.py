@@ -148,7 +148,7 @@ class Ours:
         self.host.define(linker)
         exports = linker.instantiate(self.store, wasmtime.Module(engine, WAT)).exports(self.store)
         self._wasm_memory = exports["memory"]
-        self.memory = MemoryAccess(exports["memory"], self.state)
+        self.memory = MemoryAccess(exports["memory"], self.state, 64 << 20)
         self.nop = GuestFunction("nop", exports["nop"], (), ())
         self.add3 = GuestFunction("add3", exports["add3"], ("i32",) * 3, ("i32",))
         self.run = GuestFunction("run", exports["run"], ("i32",), ())

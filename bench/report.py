@@ -14,8 +14,8 @@ from importlib.metadata import version
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import crossings  # noqa: E402
-import request  # noqa: E402
+import crossings
+import request
 
 TARGETS = [  # (label, limit µs, how to get the measured value)
     ("Python→Wasm call (`GuestFunction.call`, `(i32,i32,i32)->i32`)", 1.0,
@@ -42,7 +42,7 @@ def machine() -> str:
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return "\n".join([
         "| | |", "|---|---|",
-        f"| date | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |",
+        f"| date | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC |",
         f"| CPU | {cpu_model()} |",
         f"| nproc | {os.cpu_count()} |",
         f"| load average at report time (1/5/15 min) | {load} |",

@@ -147,6 +147,7 @@ def calibrate() -> dict[str, float]:
     """No-op crossing costs on the shared engine (bench/crossings.py, smaller N)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import crossings
+
     from wasmgate.runtime.engine import shared_engine
 
     n, reps = 50_000, 3

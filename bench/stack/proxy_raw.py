@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from collections import deque
 
 import httptools
@@ -228,10 +229,8 @@ class UpstreamPool:
             self.idle.append(up)
 
     def discard(self, up: Upstream) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(up)
-        except ValueError:
-            pass
         self.count -= 1
         if self.waiters and self.count < self.limit:
             self.acquire(self.waiters.popleft())
@@ -310,6 +309,7 @@ class Downstream(asyncio.Protocol):
         self.read_paused = False
         self.rechunk = False
         self.keep = True
+        self.head: bytes | None = None  # response head not yet written
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport):
@@ -438,17 +438,25 @@ class Downstream(asyncio.Protocol):
         elif not r.http11:
             out.append(b"connection: keep-alive\r\n")
         out.append(b"\r\n")
-        self.transport.write(b"".join(out))
+        # Held back and sent with the first body piece: one send() instead of two per
+        # small response (uvloop's write() tries the socket at once, each call a syscall).
+        self.head = b"".join(out)
 
     def up_body(self, body: bytes):
         if self.rechunk:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-        else:
-            self.transport.write(body)
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        if self.head is not None:
+            body = self.head + body
+            self.head = None
+        self.transport.write(body)
 
     def up_done(self):
-        if self.rechunk:
-            self.transport.write(b"0\r\n\r\n")
+        tail = b"0\r\n\r\n" if self.rechunk else b""
+        if self.head is not None:
+            tail = self.head + tail
+            self.head = None
+        if tail:
+            self.transport.write(tail)
         self.up = None
         self.active = None
         if not self.keep:

@@ -17,6 +17,7 @@ from wasmgate.runtime.crossings import (
     StatusError,
     context_address,
 )
+from wasmgate.runtime.engine import shared_engine
 
 WAT = """(module
   (import "env" "host" (func $host (param i32 i32) (result i32)))
@@ -32,8 +33,9 @@ WAT = """(module
 
 class Harness:
     def __init__(self, host_impl, wide_impl=lambda a, b: 0) -> None:  # type: ignore[no-untyped-def]
-        engine = wasmtime.Engine()
+        engine = shared_engine()
         self.store = wasmtime.Store(engine)
+        self.store.set_epoch_deadline(1 << 40)
         linker = wasmtime.Linker(engine)
         self.state = CallerState(context_address(self.store))
         self.exceptions: list[BaseException] = []
@@ -51,7 +53,7 @@ class Harness:
             fn.define(linker)
         instance = linker.instantiate(self.store, wasmtime.Module(engine, WAT))
         exports = instance.exports(self.store)
-        self.memory = MemoryAccess(exports["memory"], self.state)
+        self.memory = MemoryAccess(exports["memory"], self.state, 64 << 20)
         self.exports = exports
 
     def call(self, name: str, params: tuple[str, ...], results: tuple[str, ...],
@@ -108,11 +110,27 @@ def test_memory_bounds_are_checked() -> None:
         Status.INVALID_MEMORY_ACCESS)
 
 
+def test_growth_is_seen_without_refreshing() -> None:
+    """An access beyond the last known size re-reads the size instead of failing."""
+    holder: dict[str, MemoryAccess] = {}
+
+    def impl(ptr: int, size: int) -> int:
+        holder["m"].write(ptr, b"z" * size)
+        return 0
+
+    h = Harness(impl)
+    holder["m"] = h.memory
+    h.call("grow", ("i32",), ("i32",), 1)
+    assert h.call("call_host", ("i32", "i32"), ("i32",), 65536 + 10, 4) == 0
+    assert h.memory.read(65536 + 10, 4) == b"zzzz"
+
+
 def test_memory_growth_is_seen_after_guest_calls() -> None:
     h = Harness(lambda a, b: 0)
     assert h.memory.size() == 65536
+    base = h.memory.base
     h.call("grow", ("i32",), ("i32",), 2)
-    h.state.base = -1  # what WasmVM.call does after every guest call
+    assert h.memory.current_base() == base  # memories never move: the cached base stays valid
     assert h.memory.size() == 3 * 65536
     h.memory.write(3 * 65536 - 4, b"abcd")
     assert h.memory.read(3 * 65536 - 4, 4) == b"abcd"

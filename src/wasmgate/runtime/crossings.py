@@ -79,71 +79,85 @@ class StatusError(Exception):
 
 
 class CallerState:
-    """Which wasmtime context host functions run in right now (a stack: calls nest), and the
-    memory base/size cached for the current host call (`base < 0`: stale, re-read)."""
+    """Which wasmtime context host functions run in right now (a stack: calls nest)."""
 
-    __slots__ = ("base", "caller", "size", "store_context")
+    __slots__ = ("caller", "store_context")
 
     def __init__(self, store_context: int) -> None:
         self.store_context = store_context
         self.caller: int | None = None
-        self.base = -1
-        self.size = 0
 
     def context(self) -> int:
         caller = self.caller
         return _caller_context(caller) if caller else self.store_context
 
 
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
 class MemoryAccess:
     """Bounds-checked reads and writes of a guest's linear memory.
 
-    Base and size are fetched on every access: the memory may grow (and move) whenever the
-    guest runs, including inside its allocator during one of our host calls.
+    The engine reserves every linear memory up front and forbids moving it
+    (`memory_may_move=False`), so the base address is fixed for the instance's life and a
+    memoryview over the whole reservable range is valid. Memory only grows: an access within
+    the last size seen is in bounds; anything beyond re-reads the size before deciding.
     """
 
-    __slots__ = ("_memory", "_memory_address", "_state")
+    __slots__ = ("_memory", "_memory_address", "_size", "_state", "_view", "base", "limit")
 
-    def __init__(self, memory: wasmtime.Memory, state: CallerState) -> None:
+    def __init__(self, memory: wasmtime.Memory, state: CallerState, limit: int) -> None:
         self._memory = memory  # keeps the struct alive
         self._memory_address = ctypes.addressof(memory._memory)
         self._state = state
+        ctx = state.context()
+        self.base = _memory_data(ctx, self._memory_address) or 0
+        self._size = _memory_data_size(ctx, self._memory_address)
+        self.limit = max(limit, self._size)
+        self._view = memoryview((ctypes.c_char * self.limit).from_address(self.base)).cast("B")
 
-    def _span(self, ptr: int, length: int) -> int:
-        state = self._state
-        if state.base < 0:
-            ctx = state.context()
-            state.size = _memory_data_size(ctx, self._memory_address)
-            state.base = _memory_data(ctx, self._memory_address) or 0
-        if ptr < 0 or length < 0 or ptr + length > state.size:
-            raise StatusError(Status.INVALID_MEMORY_ACCESS,
-                              f"[{ptr}, +{length}) beyond {state.size}")
-        return state.base + ptr
+    def _check(self, ptr: int, length: int) -> None:
+        end = ptr + length
+        if end > self._size or ptr < 0 or length < 0:
+            self._size = _memory_data_size(self._state.context(), self._memory_address)
+            if end > self._size or ptr < 0 or length < 0 or end > self.limit:
+                raise StatusError(Status.INVALID_MEMORY_ACCESS,
+                                  f"[{ptr}, +{length}) beyond {self._size}")
 
     def size(self) -> int:
-        self._span(0, 0)
-        return self._state.size
+        self._size = _memory_data_size(self._state.context(), self._memory_address)
+        return self._size
 
     def read(self, ptr: int, length: int) -> bytes:
         if length == 0:
             return b""
-        return ctypes.string_at(self._span(ptr, length), length)
+        self._check(ptr, length)
+        return self._view[ptr:ptr + length].tobytes()
 
     def write(self, ptr: int, data: bytes) -> None:
         if data:
-            ctypes.memmove(self._span(ptr, len(data)), data, len(data))
+            self._check(ptr, len(data))
+            self._view[ptr:ptr + len(data)] = data
 
     def write_u32(self, ptr: int, value: int) -> None:
-        c_uint32.from_address(self._span(ptr, 4)).value = value & 0xFFFFFFFF
+        self._check(ptr, 4)
+        _U32.pack_into(self._view, ptr, value & 0xFFFFFFFF)
 
     def write_u64(self, ptr: int, value: int) -> None:
-        c_uint64.from_address(self._span(ptr, 8)).value = value & 0xFFFFFFFFFFFFFFFF
+        self._check(ptr, 8)
+        _U64.pack_into(self._view, ptr, value & 0xFFFFFFFFFFFFFFFF)
 
     def read_u32(self, ptr: int) -> int:
-        return c_uint32.from_address(self._span(ptr, 4)).value
+        self._check(ptr, 4)
+        return int(_U32.unpack_from(self._view, ptr)[0])
 
     def check(self, ptr: int, length: int) -> None:
-        self._span(ptr, length)
+        self._check(ptr, length)
+
+    def current_base(self) -> int:
+        """The base address as wasmtime reports it now (tests check it never moves)."""
+        return _memory_data(self._state.context(), self._memory_address) or 0
 
 
 class GuestCallError(Exception):
@@ -275,7 +289,6 @@ class RawHostFunction:
         def callback(_env: int, caller: int, args: int, _n: int) -> int:
             previous = state.caller
             state.caller = caller
-            state.base = -1
             try:
                 values = unpack(string_at(args, width)) if unpack else ()
                 tracing = tracer is not None and tracer.enabled
@@ -295,7 +308,6 @@ class RawHostFunction:
                 return _trap_new(message, len(message)) or 0
             finally:
                 state.caller = previous
-                state.base = -1
 
         return callback
 

@@ -25,10 +25,13 @@ class EngineSettings:
     cranelift_opt_level: str = "speed"
     parallel_compilation: bool = True
     epoch_interruption: bool = True
+    # Linear memories never move (4 GiB reserved up front, as wasmtime does by default on
+    # 64-bit hosts): MemoryAccess can keep the base address for the VM's whole life.
+    memory_reservation: int = 4 << 30
 
     def cache_key(self) -> str:
         return (f"wasmtime-{wasmtime_version()}-opt={self.cranelift_opt_level}"
-                f"-epoch={int(self.epoch_interruption)}")
+                f"-epoch={int(self.epoch_interruption)}-reserve={self.memory_reservation}-fixed")
 
 
 def wasmtime_version() -> str:
@@ -53,6 +56,8 @@ def shared_engine(settings: EngineSettings | None = None) -> wasmtime.Engine:
             config.epoch_interruption = _engine_settings.epoch_interruption
             config.cranelift_opt_level = _engine_settings.cranelift_opt_level
             config.parallel_compilation = _engine_settings.parallel_compilation
+            config.memory_reservation = _engine_settings.memory_reservation
+            config.memory_may_move = False
             _engine = wasmtime.Engine(config)
             _start_ticker(_engine)
         return _engine

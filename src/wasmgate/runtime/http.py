@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .plugin import Plugin
 
 _STOP_ALL = (Action.STOP_ALL_ITERATION_AND_BUFFER, Action.STOP_ALL_ITERATION_AND_WATERMARK)
+_ACTIONS = tuple(Action)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class HttpContext:
             return Action.CONTINUE
         if value > 4:
             return Action.STOP_ALL_ITERATION_AND_WATERMARK
-        return Action(value)
+        return _ACTIONS[value]
 
     def _body(self, direction: str, data: bytes, eos: bool) -> Action:
         self._ensure_created()

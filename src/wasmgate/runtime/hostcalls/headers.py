@@ -20,27 +20,21 @@ if TYPE_CHECKING:
     from ..vm import WasmVM
 
 
+_STREAM_MAPS = ("request_headers", "request_trailers", "response_headers", "response_trailers")
+_ROOT_MAPS = {4: "grpc_initial", 5: "grpc_trailing", 6: "call_headers", 7: "call_trailers"}
+
+
 def _slot(vm: WasmVM, map_type: int) -> HeaderSlot:
-    if map_type > MapType.HTTP_CALL_RESPONSE_TRAILERS:
+    if map_type > 7:
         raise StatusError(Status.BAD_ARGUMENT, f"map type {map_type}")
-    kind = MapType(map_type)
-    root = vm.plugin.root
-    if kind == MapType.HTTP_CALL_RESPONSE_HEADERS:
-        return root.call_headers
-    if kind == MapType.HTTP_CALL_RESPONSE_TRAILERS:
-        return root.call_trailers
-    if kind == MapType.GRPC_RECEIVE_INITIAL_METADATA:
-        return root.grpc_initial
-    if kind == MapType.GRPC_RECEIVE_TRAILING_METADATA:
-        return root.grpc_trailing
+    if map_type >= 4:
+        return getattr(vm.plugin.root, _ROOT_MAPS[map_type])  # type: ignore[no-any-return]
     ctx = vm.context()
     if not isinstance(ctx, HttpContextState):
         raise StatusError(Status.BAD_ARGUMENT, "no HTTP stream in this context")
-    slot = {MapType.HTTP_REQUEST_HEADERS: ctx.request_headers,
-            MapType.HTTP_REQUEST_TRAILERS: ctx.request_trailers,
-            MapType.HTTP_RESPONSE_HEADERS: ctx.response_headers,
-            MapType.HTTP_RESPONSE_TRAILERS: ctx.response_trailers}[kind]
-    _allow_new_trailers(ctx, kind, slot)
+    slot: HeaderSlot = getattr(ctx, _STREAM_MAPS[map_type])
+    if slot.pairs is None:
+        _allow_new_trailers(ctx, MapType(map_type), slot)
     return slot
 
 

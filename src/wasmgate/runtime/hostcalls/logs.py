@@ -16,9 +16,14 @@ if TYPE_CHECKING:
 def proxy_log(vm: WasmVM, level: int, ptr: int, size: int) -> int:
     if level > LogLevel.CRITICAL:
         return Status.BAD_ARGUMENT
-    message = vm.memory.read(ptr, size).decode("utf-8", "replace")
-    vm.plugin.emit_log(LogLevel(level), message)
+    message = vm.memory.read(ptr, size)
+    plugin = vm.plugin
+    if level >= plugin.log_level:  # decode and build the enum only for lines that are kept
+        plugin.host.log(plugin, _LEVELS[level], message.decode("utf-8", "replace"))
     return OK
+
+
+_LEVELS = tuple(LogLevel)
 
 
 @hostcall("proxy_get_log_level", "i")
