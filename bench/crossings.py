@@ -127,7 +127,7 @@ def stock_host(engine: wasmtime.Engine, n: int, reps: int) -> dict[str, float]:
 # -- wasmgate crossings --------------------------------------------------------------------------
 
 class Ours:
-    """One instance wired the way WasmVM wires it: RawHostFunction imports, GuestFunction exports."""
+    """One instance wired as WasmVM wires it: RawHostFunction imports, GuestFunction exports."""
 
     def __init__(self, engine: wasmtime.Engine, variant: str) -> None:
         self.store = wasmtime.Store(engine)

@@ -159,7 +159,7 @@ def calibrate() -> dict[str, float]:
 
 def bench_emulator(label: str, em: Emulator, batch: int, batches: int,
                    profile: bool) -> dict:
-    one, run = emulator_request(em)
+    _, run = emulator_request(em)
     med, per = median_us(run, batch, batches)
     # crossings per request and a wasm / host-function / rest split (tracer on: slower)
     tracer = TimingTracer()
@@ -371,7 +371,7 @@ class StockHost:
     def fd_write(self, caller, fd, iovs, iovs_len, nwritten_ptr):
         total = 0
         for i in range(iovs_len):
-            ptr, n = struct.unpack("<II", self._read(caller, iovs + 8 * i, 8))
+            _, n = struct.unpack("<II", self._read(caller, iovs + 8 * i, 8))
             total += n
         self.memory.write(caller, struct.pack("<I", total), nwritten_ptr)
         return 0
@@ -431,7 +431,8 @@ def bench_stock(wasm: Path, batch: int, batches: int) -> dict:
     host.counting = False
     calls = {k: v / 100 for k, v in host.calls.most_common()}
     return {"label": "transformer (Go) — naive stock wasmtime-py host", "us_per_request": med,
-            "batches_us": per, "batch": small, **cpu_fields(per), "host_calls_per_request": sum(calls.values()),
+            "batches_us": per, "batch": small, **cpu_fields(per),
+            "host_calls_per_request": sum(calls.values()),
             "guest_calls_per_request": 6, "host_calls": calls,
             "missing_properties": {k.decode(): v for k, v in host.missing_properties.items()}}
 
@@ -446,7 +447,8 @@ def table(results: list[dict], cal: dict[str, float]) -> str:
         gc = r.get("guest_calls_per_request")
         lines.append(f"| {r['label']} | **{r['us_per_request']:.1f}** "
                      f"| {r['min_batch_us_per_request']:.1f} | {r['cpu_us_per_request']:.1f} "
-                     f"| {'' if hc is None else f'{hc:.0f}'} | {'' if gc is None else f'{gc:.0f}'} |")
+                     f"| {'' if hc is None else f'{hc:.0f}'} "
+                     f"| {'' if gc is None else f'{gc:.0f}'} |")
     lines.append("")
     lines.append(f"One request = new HTTP context + request_headers(eos) + response_headers(eos) "
                  f"+ complete() (on_log/on_done/on_delete); median over batches of "
