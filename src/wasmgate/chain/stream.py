@@ -71,12 +71,15 @@ class ChainStream:
                 f.context.on_release = lambda _ctx, i=index: self._wakeup(i)
 
     # -- events in ---------------------------------------------------------------------------
-    def request_headers(self, headers: object, end_of_stream: bool = False) -> None:
+    def request_headers(self, headers: object, end_of_stream: bool = False, *,
+                        normalized: bool = False) -> None:
+        """`normalized=True`: `headers` is already a list of lower-case (bytes, bytes)."""
         deny = next((f for f in self.filters if f.mode in ("deny", "fail")), None)
         if deny is not None:
             self._deny(deny)
             return
-        self._feed_request(0, Released("request", "headers", normalize_headers(headers),
+        pairs = headers if normalized else normalize_headers(headers)
+        self._feed_request(0, Released("request", "headers", pairs,  # type: ignore[arg-type]
                                        end_of_stream))
 
     def request_body(self, data: bytes, end_of_stream: bool = False) -> None:
@@ -85,9 +88,11 @@ class ChainStream:
     def request_trailers(self, trailers: object) -> None:
         self._feed_request(0, Released("request", "trailers", normalize_headers(trailers), True))
 
-    def response_headers(self, headers: object, end_of_stream: bool = False) -> None:
+    def response_headers(self, headers: object, end_of_stream: bool = False, *,
+                         normalized: bool = False) -> None:
+        pairs = headers if normalized else normalize_headers(headers)
         self._feed_response(len(self.filters) - 1, Released(
-            "response", "headers", normalize_headers(headers), end_of_stream))
+            "response", "headers", pairs, end_of_stream))  # type: ignore[arg-type]
 
     def response_body(self, data: bytes, end_of_stream: bool = False) -> None:
         self._feed_response(len(self.filters) - 1,
@@ -252,10 +257,13 @@ class ChainStream:
 
 
 def _dispatch(ctx: HttpContext, item: Released) -> Action:
-    method = getattr(ctx, f"{item.direction}_{item.kind}")
-    if item.kind == "trailers":
-        return method(item.payload)  # type: ignore[no-any-return]
-    return method(item.payload, item.end_of_stream)  # type: ignore[no-any-return]
+    """Items inside the chain are normalized already: use the context's direct entry points."""
+    if item.kind == "headers":
+        return ctx.feed_headers(item.direction, item.payload,  # type: ignore[arg-type]
+                                item.end_of_stream)
+    if item.kind == "body":
+        return ctx.feed_body(item.direction, item.payload, item.end_of_stream)  # type: ignore
+    return ctx.feed_trailers(item.direction, item.payload)  # type: ignore[arg-type]
 
 
 def _forward(item: Released) -> ChainAction:

@@ -27,14 +27,24 @@ class Router:
             target = _target(route.name, route.cluster, spec.clusters)
             if target is not None:
                 self._targets[route.name] = target
+        self._compiled = [(r, r.match.prefix.encode("latin-1"),
+                           not r.match.headers and r.match.host is None) for r in spec.routes]
 
     def route(self, headers: Pairs) -> RouteTarget | None:
-        path = (header_value(headers, b":path") or b"/").decode("latin-1")
-        host = (header_value(headers, b":authority") or b"").decode("latin-1")
-        lookup = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
-                  if not k.startswith(b":")}
-        for route in self.spec.routes:
-            if route.match.matches(path, host, lookup):
+        path_raw = header_value(headers, b":path") or b"/"
+        path = host = None
+        lookup: dict[str, str] | None = None
+        for route, prefix, simple in self._compiled:
+            if simple:  # prefix only: no decoding, no header map
+                if path_raw.startswith(prefix):
+                    return self._targets.get(route.name)
+                continue
+            if path is None:
+                path = path_raw.decode("latin-1")
+                host = (header_value(headers, b":authority") or b"").decode("latin-1")
+                lookup = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+                          if not k.startswith(b":")}
+            if route.match.matches(path, host, lookup or {}):
                 return self._targets.get(route.name)
         return None
 

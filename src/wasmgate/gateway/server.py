@@ -83,6 +83,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: Pairs = []
         self._current: Exchange | None = None
+        self._out: list[bytes] = []
+        self._flush_pending = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,12 +140,23 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- output ordering ---------------------------------------------------------------------
     def write(self, exchange: Exchange, data: bytes) -> None:
+        """Queue output; it goes out in one send at the end of this loop iteration (a
+        response's head and body, written by separate parser callbacks, share a syscall)."""
         if not data or self.transport is None or self.closing:
             return
         if self.exchanges and self.exchanges[0] is exchange:
-            self.transport.write(data)
+            self._out.append(data)
+            if not self._flush_pending:
+                self._flush_pending = True
+                asyncio.get_running_loop().call_soon(self._flush)
         else:
             exchange.pending_output.append(data)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out) if len(self._out) > 1 else self._out[0])
+        self._out.clear()
 
     def finished(self, exchange: Exchange) -> None:
         """The exchange wrote its whole response: let the next pipelined one write."""
@@ -155,7 +168,7 @@ class DownstreamProtocol(asyncio.Protocol):
             while self.exchanges and self.transport is not None:
                 head = self.exchanges[0]
                 for chunk in head.pending_output:
-                    self.transport.write(chunk)
+                    self.write(head, chunk)
                 head.pending_output.clear()
                 if not head.response_done:
                     break
@@ -165,6 +178,7 @@ class DownstreamProtocol(asyncio.Protocol):
                     return
 
     def close(self) -> None:
+        self._flush()
         self.closing = True
         if self.transport is not None:
             self.transport.close()
@@ -204,7 +218,9 @@ class Exchange:
         self._finished = False
         self._body_ended = False
         self.headers = self._request_pairs(target, headers)
-        length = header_value(self.headers, b"content-length")
+        length = header_value(headers, b"content-length")
+        self._expects_body = (length is not None and length.strip() not in (b"", b"0")) or (
+            length is None and header_value(headers, b"transfer-encoding") is not None)
         # With a known length the last chunk carries end_of_stream itself (as Envoy's codec
         # does), saving the plugins an empty final body callback.
         self._remaining = int(length) if length is not None and length.isdigit() else None
@@ -245,14 +261,11 @@ class Exchange:
         if self.stream is None:
             self._dispatch([ForwardHeaders(self.headers, eos)])
             return
-        self.stream.request_headers(self.headers, eos)
+        self.stream.request_headers(self.headers, eos, normalized=True)
         self._drain()
 
     def _has_body(self) -> bool:
-        length = header_value(self.headers, b"content-length")
-        if length is not None:
-            return length.strip() not in (b"", b"0")
-        return header_value(self.headers, b"transfer-encoding") is not None
+        return self._expects_body
 
     def request_body(self, data: bytes) -> None:
         eos = False
@@ -308,7 +321,10 @@ class Exchange:
         return framing.encode(data, eos, trailers) if framing else data
 
     def _forward_headers(self, headers: Pairs, eos: bool) -> None:
-        route = self.state.router.route(headers) or self.route
+        # Plugins may have changed what routing looks at: route again (Envoy clears the
+        # route cache when filters edit headers); without plugins the first answer stands.
+        route = (self.state.router.route(headers) if self.stream is not None else None) or (
+            self.route)
         if route is None:
             self._router_reply(404, b"no route\n", "route_not_found")
             return
@@ -322,12 +338,18 @@ class Exchange:
         out, self._request_framing = choose_framing(out, eos)
         head = request_head(method, path, out)
         self._upstream_queue = [head]
-        asyncio.get_running_loop().create_task(self._connect(route, method == b"HEAD"))
+        endpoint = route.pick()
+        pool = self.state.pools.pool(endpoint)
+        idle = pool.take_idle()
+        if idle is not None:  # the common case: no task, no await
+            self._attach(idle, method == b"HEAD")
+        else:
+            asyncio.get_running_loop().create_task(
+                self._connect(route, endpoint, method == b"HEAD"))
         if eos:
             self._arm_timeout()
 
-    async def _connect(self, route: RouteTarget, head_request: bool) -> None:
-        endpoint = route.pick()
+    async def _connect(self, route: RouteTarget, endpoint: Endpoint, head_request: bool) -> None:
         try:
             connection = await self.state.pools.pool(endpoint).acquire(route.connect_timeout)
         except (OSError, TimeoutError) as exc:
@@ -339,11 +361,12 @@ class Exchange:
         if self._finished:
             connection.pool.release(connection)
             return
+        self._attach(connection, head_request)
+
+    def _attach(self, connection: UpstreamConnection, head_request: bool) -> None:
         queued, self._upstream_queue = self._upstream_queue or [], None
         self._upstream = connection
-        connection.start(self, queued[0], head_request)
-        for chunk in queued[1:]:
-            connection.write(chunk)
+        connection.start(self, b"".join(queued), head_request)
 
     def _to_upstream(self, data: bytes) -> None:
         if self._upstream_queue is not None:
@@ -374,7 +397,7 @@ class Exchange:
         if self.stream is None:
             self._dispatch([SendHeaders(pairs, end_of_stream)])
         else:
-            self.stream.response_headers(pairs, end_of_stream)
+            self.stream.response_headers(pairs, end_of_stream, normalized=True)
             self._drain()
         self._response_eos_sent = end_of_stream
 

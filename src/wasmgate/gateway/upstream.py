@@ -161,11 +161,17 @@ class EndpointPool:
         self.idle: deque[UpstreamConnection] = deque()
         self.active = 0
 
-    async def acquire(self, connect_timeout: float) -> UpstreamConnection:
+    def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
             connection = self.idle.pop()
             if not connection.closed:
                 return connection
+        return None
+
+    async def acquire(self, connect_timeout: float) -> UpstreamConnection:
+        connection = self.take_idle()
+        if connection is not None:
+            return connection
         loop = asyncio.get_running_loop()
         _, protocol = await asyncio.wait_for(
             loop.create_connection(lambda: UpstreamConnection(self), self.endpoint.host,

@@ -123,22 +123,22 @@ class HttpContext:
         return self.vm.call(name, *args, context_id=self.id)
 
     def request_headers(self, headers: object, end_of_stream: bool = False) -> Action:
-        return self._headers("request", normalize_headers(headers), end_of_stream)
+        return self.feed_headers("request", normalize_headers(headers), end_of_stream)
 
     def response_headers(self, headers: object, end_of_stream: bool = False) -> Action:
-        return self._headers("response", normalize_headers(headers), end_of_stream)
+        return self.feed_headers("response", normalize_headers(headers), end_of_stream)
 
     def request_body(self, data: bytes, end_of_stream: bool = False) -> Action:
-        return self._body("request", bytes(data), end_of_stream)
+        return self.feed_body("request", bytes(data), end_of_stream)
 
     def response_body(self, data: bytes, end_of_stream: bool = False) -> Action:
-        return self._body("response", bytes(data), end_of_stream)
+        return self.feed_body("response", bytes(data), end_of_stream)
 
     def request_trailers(self, trailers: object) -> Action:
-        return self._trailers("request", normalize_headers(trailers))
+        return self.feed_trailers("request", normalize_headers(trailers))
 
     def response_trailers(self, trailers: object) -> Action:
-        return self._trailers("response", normalize_headers(trailers))
+        return self.feed_trailers("response", normalize_headers(trailers))
 
     def _slots(self, direction: str) -> tuple[_Direction, HeaderSlot, BodySlot, HeaderSlot]:
         s = self.state
@@ -146,7 +146,7 @@ class HttpContext:
             return self._request, s.request_headers, s.request_body, s.request_trailers
         return self._response, s.response_headers, s.response_body, s.response_trailers
 
-    def _headers(self, direction: str, pairs: Pairs, eos: bool) -> Action:
+    def feed_headers(self, direction: str, pairs: Pairs, eos: bool) -> Action:
         self._ensure_created()
         flow, headers, _, _ = self._slots(direction)
         headers.open(pairs)
@@ -187,7 +187,7 @@ class HttpContext:
             return Action.STOP_ALL_ITERATION_AND_WATERMARK
         return _ACTIONS[value]
 
-    def _body(self, direction: str, data: bytes, eos: bool) -> Action:
+    def feed_body(self, direction: str, data: bytes, eos: bool) -> Action:
         self._ensure_created()
         flow, headers, _, _ = self._slots(direction)
         if flow.blocked and not (flow.buffering or (headers.readable and self._stop_iteration())):
@@ -231,7 +231,7 @@ class HttpContext:
         if self.state.local_response is None:
             self.outbox.append(Released(direction, "body", bytes(body.data), body.end_of_stream))
 
-    def _trailers(self, direction: str, pairs: Pairs) -> Action:
+    def feed_trailers(self, direction: str, pairs: Pairs) -> Action:
         self._ensure_created()
         flow, _, _, trailers = self._slots(direction)
         if flow.blocked and not flow.buffering:
@@ -266,7 +266,7 @@ class HttpContext:
             if kind == "body":
                 self._deliver_body(direction, payload, eos)  # type: ignore[arg-type]
             else:
-                self._trailers(direction, payload)  # type: ignore[arg-type]
+                self.feed_trailers(direction, payload)  # type: ignore[arg-type]
         if self.on_release is not None and self.outbox:
             self.on_release(self)
 
