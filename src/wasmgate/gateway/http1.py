@@ -81,3 +81,39 @@ def simple_response(status: int, body: bytes, *, content_type: bytes = b"text/pl
     if not keep_alive:
         headers.append((b"connection", b"close"))
     return response_head(status, headers) + body
+
+
+def response_headers_out(headers: Pairs, eos: bool, head_request: bool,
+                         ) -> tuple[int, Pairs, Framing]:
+    """One pass over a response's headers: status, what goes on the wire, and its framing.
+
+    A response that ends here without a content-length gets `content-length: 0` (unless it
+    cannot have a body), so a keep-alive client does not wait for a close.
+    """
+    status_raw = b"502"
+    length: bytes | None = None
+    out: Pairs = []
+    tokens: set[bytes] | None = None
+    for key, value in headers:
+        if key == b":status":
+            status_raw = value
+        elif key == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",") if t.strip()}
+        elif key[:1] == b":" or key in HOP_BY_HOP:
+            continue
+        else:
+            if key == b"content-length":
+                length = value
+            out.append((key, value))
+    if tokens:
+        out = [(k, v) for k, v in out if k not in tokens]
+    status = int(status_raw) if status_raw.isdigit() else 502
+    no_body = status in (204, 304) or 100 <= status < 200
+    if length is not None and length.isdigit():
+        return status, out, Framing(False, int(length))
+    if eos or head_request or no_body:
+        if not no_body and not head_request:
+            out.append((b"content-length", b"0"))
+        return status, out, Framing(False, 0)
+    out.append((b"transfer-encoding", b"chunked"))
+    return status, out, Framing(True, None)

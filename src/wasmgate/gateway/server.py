@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from random import getrandbits
 from typing import TYPE_CHECKING
 
 import httptools
@@ -37,6 +37,7 @@ from .http1 import (
     header_value,
     request_head,
     response_head,
+    response_headers_out,
     simple_response,
     strip_hop_by_hop,
 )
@@ -46,6 +47,13 @@ if TYPE_CHECKING:
     from .proxy import ProxyState
 
 log = logging.getLogger("wasmgate.gateway")
+
+
+def _request_id() -> bytes:
+    """A version-4 UUID from the fast PRNG (ids need uniqueness, not secrecy)."""
+    n = (getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    h = b"%032x" % n
+    return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
 access_log = logging.getLogger("wasmgate.access")
 
 
@@ -217,10 +225,9 @@ class Exchange:
         self._timeout: asyncio.TimerHandle | None = None
         self._finished = False
         self._body_ended = False
-        self.headers = self._request_pairs(target, headers)
-        length = header_value(headers, b"content-length")
+        self.headers, length, chunked = self._request_pairs(target, headers)
         self._expects_body = (length is not None and length.strip() not in (b"", b"0")) or (
-            length is None and header_value(headers, b"transfer-encoding") is not None)
+            length is None and chunked)
         # With a known length the last chunk carries end_of_stream itself (as Envoy's codec
         # does), saving the plugins an empty final body callback.
         self._remaining = int(length) if length is not None and length.isdigit() else None
@@ -231,18 +238,34 @@ class Exchange:
             self.stream.on_wakeup = lambda _s: self._drain()
 
     # -- request side ------------------------------------------------------------------------
-    def _request_pairs(self, target: bytes, headers: Pairs) -> Pairs:
-        host = header_value(headers, b"host") or b""
-        pairs: Pairs = [(b":method", self.method), (b":path", target or b"/"),
-                        (b":authority", host), (b":scheme", b"http")]
-        pairs.extend((k, v) for k, v in headers if k != b"host")
+    def _request_pairs(self, target: bytes, headers: Pairs) -> tuple[Pairs, bytes | None, bool]:
+        """What plugins see: pseudo-headers, the headers, x-forwarded-for with the client
+        appended, an x-request-id when there is none. One pass; also returns the framing."""
+        host = b""
+        forwarded = length = None
+        chunked = has_id = False
+        pairs: Pairs = [(b":method", self.method), (b":path", target or b"/"), (b"", b""),
+                        (b":scheme", b"http")]
+        for key, value in headers:
+            if key == b"host":
+                host = value
+                continue
+            if key == b"x-forwarded-for":
+                forwarded = value
+                continue
+            if key == b"content-length":
+                length = value
+            elif key == b"transfer-encoding":
+                chunked = True
+            elif key == b"x-request-id":
+                has_id = True
+            pairs.append((key, value))
+        pairs[2] = (b":authority", host)
         client = self.connection.peer[0].encode()
-        forwarded = header_value(headers, b"x-forwarded-for")
-        pairs = [(k, v) for k, v in pairs if k != b"x-forwarded-for"]
         pairs.append((b"x-forwarded-for", forwarded + b", " + client if forwarded else client))
-        if header_value(headers, b"x-request-id") is None:
-            pairs.append((b"x-request-id", str(uuid.uuid4()).encode()))
-        return pairs
+        if not has_id:
+            pairs.append((b"x-request-id", _request_id()))
+        return pairs, length, chunked
 
     def _attributes(self) -> dict[str, object]:
         conn = self.connection
@@ -453,12 +476,11 @@ class Exchange:
             return
         self._response_started = True
         self.details = details or self.details
-        status_raw = header_value(headers, b":status") or b"502"
-        self.status = int(status_raw) if status_raw.isdigit() else 502
-        out = strip_hop_by_hop(headers)
-        if self.method == b"HEAD":
+        head_request = self.method == b"HEAD"
+        self.status, out, self._response_framing = response_headers_out(headers, eos,
+                                                                         head_request)
+        if head_request:
             eos = True
-        out, self._response_framing = choose_framing(out, eos)
         if self.version == "1.0" and self._response_framing.chunked:
             out = [(k, v) for k, v in out if k != b"transfer-encoding"]
             self._response_framing = Framing(False, None)
