@@ -129,7 +129,18 @@ def test_graceful_shutdown_finishes_in_flight_requests(start_gateway: Start,
 
 def test_workers_share_the_port(start_gateway: Start, upstream: str) -> None:
     gateway = start_gateway(gateway_doc(upstream) + example(), "--workers", "2")
+    deadline = time.monotonic() + 30  # /ready is worker 0's; wait for worker 1's plugin too
+    while gateway.logs().count("plugin default.example ready") < 2:
+        assert time.monotonic() < deadline, gateway.logs()
+        time.sleep(0.1)
     statuses = [gateway.get(f"/w{i}")[0] for i in range(20)]
     assert statuses == [200] * 20
-    log = gateway.logs()
-    assert log.count("plugin default.example ready") == 2
+
+
+def test_head_requests(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream) + example())
+    for _ in range(3):
+        status, headers, body = gateway.request("HEAD", "/head")
+        assert status == 200 and body == b""
+        assert int(headers["content-length"]) > 0
+    assert gateway.get("/after-head")[0] == 200

@@ -2,7 +2,8 @@
 
     <root>/modules/<sha256>.wasm         the unwrapped modules, named by their own sha256
     <root>/compiled/<sha256>-<key>.cwasm the runtime's precompiled code (CompiledModuleCache)
-    <root>/index.json                    url -> {checksum, module_sha256, revisions, last_used, size}
+    <root>/index.json                    url -> {checksum, module_sha256, revisions, last_used,
+                                         size}
     <root>/index.lock                    flock'ed around every index read-modify-write
 
 `checksum` is what Istio keys on: the OCI manifest digest, or the module's sha256 for http.

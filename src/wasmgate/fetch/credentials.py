@@ -36,7 +36,7 @@ class Credentials:
     """What to authenticate with at one registry; all empty = anonymous."""
 
     username: str = ""
-    password: str = field(default="", compare=True)
+    password: str = ""
     identity_token: str = ""
     registry_token: str = ""
 
@@ -130,7 +130,7 @@ def load_pull_secret(secret: str | os.PathLike[str] | None) -> DockerConfig:
     """
     if secret is None or (isinstance(secret, str) and not secret.strip()):
         return default_docker_config()
-    if isinstance(secret, str) and secret.lstrip()[:1] in ("{", "[", '"') or secret == "null":
+    if isinstance(secret, str) and (secret.lstrip()[:1] in ("{", "[", '"') or secret.strip() == "null"):
         return parse_docker_config(str(secret), "<inline>")
     path = Path(secret)
     if path.is_dir():

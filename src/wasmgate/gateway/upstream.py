@@ -95,12 +95,19 @@ class UpstreamConnection(asyncio.Protocol):
         status = self._parser.get_status_code()
         self._reusable = self._parser.should_keep_alive()
         no_body = self._head_request or status in (204, 304) or 100 <= status < 200
+        if self._head_request:  # nothing follows the headers: end the message here
+            self._reusable = False
         length = next((v for k, v in self._headers if k == b"content-length"), None)
         self._remaining = int(length) if length is not None and length.isdigit() else None
         if length == b"0":
             no_body = True
         if self.sink is not None:
             self.sink.on_response_headers(status, self._headers, no_body)
+        if self._head_request:  # the parser would wait for the announced body: done here
+            sink, self.sink = self.sink, None
+            if sink is not None:
+                sink.on_response_end([])
+            self.close()
 
     _remaining: int | None = None
 
@@ -117,16 +124,19 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.on_response_end([])
-        if self._reusable and not self.closed:
+        if self._reusable and not self.closed and not self._head_request:
             self.pool.release(self)
         else:
             self.close()
 
     # -- use -----------------------------------------------------------------------------------
     def start(self, sink: ResponseSink, head: bytes, head_request: bool) -> None:
+        """Send a request. The parser carries over between keep-alive responses; a HEAD
+        response (headers announcing a body that never comes) ends the connection's reuse."""
         self.sink = sink
         self._head_request = head_request
-        self._parser = httptools.HttpResponseParser(self)
+        if head_request:
+            self._parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
         self.transport.write(head)
 
