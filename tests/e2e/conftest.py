@@ -37,7 +37,10 @@ class EchoHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._answer()
 
-    def _answer(self) -> None:
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def _answer(self, send_body: bool = True) -> None:
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             body = self._read_chunked()
         else:
@@ -55,7 +58,8 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(payload)))
         self.send_header("x-upstream", "echo")
         self.end_headers()
-        self.wfile.write(payload)
+        if send_body:
+            self.wfile.write(payload)
 
     def _read_chunked(self) -> bytes:
         body = b""
