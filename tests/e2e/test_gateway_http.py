@@ -144,3 +144,50 @@ def test_head_requests(start_gateway: Start, upstream: str) -> None:
         assert status == 200 and body == b""
         assert int(headers["content-length"]) > 0
     assert gateway.get("/after-head")[0] == 200
+
+
+def test_upstream_closing_idle_connections_is_retried(start_gateway: Start) -> None:
+    """An upstream that closes every connection after one response (without saying so):
+    the pooled connection is stale on the next request, which is retried, not failed."""
+    import socketserver
+
+    class OneShot(socketserver.BaseRequestHandler):
+        """Answers the first request of a connection; drops the connection at the second."""
+
+        def handle(self) -> None:
+            self.request.recv(65536)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            self.request.recv(65536)  # the next request on this kept-alive connection
+            self.request.close()
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), OneShot)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gateway = start_gateway(gateway_doc(f"127.0.0.1:{server.server_address[1]}"))
+        results = []
+        for _ in range(5):
+            results.append(gateway.get("/")[0])
+        assert results == [200] * 5
+        assert "upstream_reset" not in gateway.logs()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_close_delimited_upstream_response(start_gateway: Start) -> None:
+    import socketserver
+
+    class CloseDelimited(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil close")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), CloseDelimited)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gateway = start_gateway(gateway_doc(f"127.0.0.1:{server.server_address[1]}"))
+        status, _, body = gateway.get("/")
+        assert (status, body) == (200, b"until close")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -77,7 +77,7 @@ class WasmServer:
 
 def _handler(server: WasmServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             reply = server.next_reply(self.path)
             if reply.delay:
                 time.sleep(reply.delay)

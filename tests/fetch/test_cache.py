@@ -88,6 +88,9 @@ def test_revisions_are_kept_per_resource(cache: ModuleCache) -> None:
     assert entry is not None
     assert entry.checksum == "02" * 32 and entry.module_sha256 == sha(example_wasm())
     assert entry.revisions == {"a": "2", "b": "5"}
+    # The old digest's module outlives the moved tag, until it expires.
+    assert cache.module_for_checksum("01" * 32) == sha(TINY_WASM)
+    assert cache.module_count == 2
 
 
 def test_corrupt_module_is_a_miss(cache: ModuleCache) -> None:

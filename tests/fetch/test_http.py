@@ -219,7 +219,7 @@ def test_password_never_in_errors(server: WasmServer) -> None:
 
 
 @pytest.fixture(scope="module")
-def test_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+def local_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
     ca = make_test_ca(tmp_path_factory.mktemp("ca"))
     if ca is None:
         pytest.skip("openssl is not installed")
@@ -227,17 +227,17 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
 
 
 @pytest.fixture
-def tls_server(test_ca: LocalCA) -> Iterator[WasmServer]:
-    with WasmServer(tls=test_ca.server_context()) as s:
+def tls_server(local_ca: LocalCA) -> Iterator[WasmServer]:
+    with WasmServer(tls=local_ca.server_context()) as s:
         yield s
 
 
-def test_https_with_ca_bundle(tls_server: WasmServer, test_ca: LocalCA) -> None:
+def test_https_with_ca_bundle(tls_server: WasmServer, local_ca: LocalCA) -> None:
     url = tls_server.add("/m", example_wasm())
     assert url.startswith("https://")
-    with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+    with pytest.raises(FetchError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
         fetcher(max_attempts=1).fetch(url)
-    assert fetcher().fetch(url, ca_file=str(test_ca.ca_file)) == example_wasm()
+    assert fetcher().fetch(url, ca_file=str(local_ca.ca_file)) == example_wasm()
 
 
 def test_https_insecure(tls_server: WasmServer) -> None:

@@ -3,10 +3,12 @@
     <root>/modules/<sha256>.wasm         the unwrapped modules, named by their own sha256
     <root>/compiled/<sha256>-<key>.cwasm the runtime's precompiled code (CompiledModuleCache)
     <root>/index.json                    url -> {checksum, module_sha256, revisions, last_used,
-                                         size}
+                                         size}; module sha256 -> last use; checksum -> module
     <root>/index.lock                    flock'ed around every index read-modify-write
 
-`checksum` is what Istio keys on: the OCI manifest digest, or the module's sha256 for http.
+`checksum` is what Istio keys on: the OCI manifest digest, or the module's sha256 for http. As in
+Istio, a module outlives the url that brought it (a moved tag keeps the old digest cached until it
+expires), so the index also maps checksums to modules and keeps each module's last use.
 Modules are written atomically (temp file, fsync, rename) and verified when read, so a torn or
 corrupt file is a miss, never a wrong module. Several worker processes may share one cache: each
 index update takes the lock, re-reads the index and replaces it atomically. Readers without the
@@ -75,10 +77,31 @@ class CacheEntry:
 @dataclass
 class Index:
     entries: dict[str, CacheEntry] = field(default_factory=dict)
+    modules: dict[str, float] = field(default_factory=dict)
+    """Module sha256 -> last use."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Checksum (OCI manifest digest) -> module sha256, where they differ."""
     last_purge: float = 0.0
 
-    def module_count(self) -> int:
-        return len({e.module_sha256 for e in self.entries.values()})
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Index:
+        entries = {url: CacheEntry.from_json(url, e) for url, e in raw["entries"].items()}
+        modules = {str(k): float(v) for k, v in dict(raw.get("modules", {})).items()}
+        for e in entries.values():  # an index without modules (or a torn merge): rebuild
+            modules[e.module_sha256] = max(modules.get(e.module_sha256, 0.0), e.last_used)
+        digests = {str(k): str(v) for k, v in dict(raw.get("digests", {})).items()}
+        return cls(entries, modules, digests, float(raw.get("last_purge", 0.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": INDEX_VERSION, "last_purge": self.last_purge,
+                "entries": {url: e.to_json() for url, e in sorted(self.entries.items())},
+                "modules": dict(sorted(self.modules.items())),
+                "digests": dict(sorted(self.digests.items()))}
+
+    def forget_modules(self, shas: set[str]) -> None:
+        self.entries = {u: e for u, e in self.entries.items() if e.module_sha256 not in shas}
+        self.modules = {m: t for m, t in self.modules.items() if m not in shas}
+        self.digests = {d: m for d, m in self.digests.items() if m not in shas}
 
 
 class ModuleCache:
@@ -105,16 +128,14 @@ class ModuleCache:
     def load_index(self) -> Index:
         """The index as on disk now (no lock needed: it is replaced atomically)."""
         try:
-            raw = json.loads(self.index_path.read_text())
-            entries = {url: CacheEntry.from_json(url, e) for url, e in raw["entries"].items()}
-            index = Index(entries, float(raw.get("last_purge", 0.0)))
+            index = Index.from_json(json.loads(self.index_path.read_text()))
         except FileNotFoundError:
             index = Index()
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("module cache index %s unreadable (%s); starting afresh",
                         self.index_path, exc)
             index = Index()
-        self.module_count = index.module_count()
+        self.module_count = len(index.modules)
         return index
 
     def entry(self, url: str) -> CacheEntry | None:
@@ -145,10 +166,8 @@ class ModuleCache:
         if self.module_path(checksum).is_file():
             return checksum
         index = index or self.load_index()
-        for entry in index.entries.values():
-            if entry.checksum == checksum and self.module_path(entry.module_sha256).is_file():
-                return entry.module_sha256
-        return None
+        module = index.digests.get(checksum)
+        return module if module and self.module_path(module).is_file() else None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -171,7 +190,9 @@ class ModuleCache:
                 entry = index.entries[url] = CacheEntry(url, checksum, module_sha256)
             entry.checksum, entry.module_sha256, entry.size = checksum, module_sha256, size
             entry.revisions[resource_name] = revision
-            entry.last_used = self.clock()
+            entry.last_used = index.modules[module_sha256] = self.clock()
+            if checksum != module_sha256:
+                index.digests[checksum] = module_sha256
             return entry
 
     def store(self, url: str, wasm: bytes, *, checksum: str, resource_name: str = "",
@@ -194,27 +215,25 @@ class ModuleCache:
             os.close(fd)  # releases the flock
 
     def _write_index(self, index: Index) -> None:
-        raw = {"version": INDEX_VERSION, "last_purge": index.last_purge,
-               "entries": {url: e.to_json() for url, e in sorted(index.entries.items())}}
-        atomic_write(self.index_path, json.dumps(raw, indent=1).encode())
-        self.module_count = index.module_count()
+        atomic_write(self.index_path, json.dumps(index.to_json(), indent=1).encode())
+        self.module_count = len(index.modules)
 
     # -- expiry --------------------------------------------------------------------------------
 
     def purge(self, *, older_than: float | None = None, everything: bool = False) -> list[str]:
-        """Forget urls unused for `older_than` seconds (default: the expiry) and delete modules
-        nothing references any more, with their compiled code. Returns the deleted sha256s.
+        """Forget modules and urls unused for `older_than` seconds (default: the expiry) and
+        delete the modules' files with their compiled code. Returns the deleted sha256s.
 
         An unreferenced module younger than the cutoff is kept: another process may have just
         written it and not yet recorded it."""
         now = self.clock()
         cutoff = now - (self.expiry if older_than is None else older_than)
         with self.locked() as index:
-            for url, entry in list(index.entries.items()):
-                if everything or entry.last_used < cutoff:
-                    del index.entries[url]
+            index.forget_modules({m for m, used in index.modules.items()
+                                  if everything or used < cutoff})
+            index.entries = {u: e for u, e in index.entries.items() if e.last_used >= cutoff}
             index.last_purge = now
-            referenced = {e.module_sha256 for e in index.entries.values()}
+            referenced = set(index.modules)
             removed = self._delete_unreferenced(referenced, None if everything else cutoff)
         if removed:
             log.info("module cache: purged %d module(s)", len(removed))

@@ -114,7 +114,7 @@ def _progress(console: Console, label: str, quiet: bool) -> Iterator[ProgressCal
     if quiet:
         yield None
         return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True)
     task: list[TaskID] = []
 

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import os
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from .errors import AuthError
+from .errors import AuthError, SsrfBlocked
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -130,8 +134,9 @@ def load_pull_secret(secret: str | os.PathLike[str] | None) -> DockerConfig:
     """
     if secret is None or (isinstance(secret, str) and not secret.strip()):
         return default_docker_config()
-    if isinstance(secret, str) and (secret.lstrip()[:1] in ("{", "[", '"') or secret.strip() == "null"):
-        return parse_docker_config(str(secret), "<inline>")
+    text = secret.strip() if isinstance(secret, str) else ""
+    if text[:1] in ("{", "[", '"') or text == "null":
+        return parse_docker_config(text, "<inline>")
     path = Path(secret)
     if path.is_dir():
         for name in SECRET_FILES:
@@ -222,13 +227,90 @@ def _json_reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
+# -- where requests may go: plain-HTTP/insecure registries and the token-realm guard (SSRF) ------
+
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata",
+                            "169.254.169.254", "fd00:ec2::254", "100.100.100.200"})
+Resolver = Callable[[str], Iterable[str]]
+
+
+def host_of(registry: str) -> str:
+    host = urlsplit(f"//{registry}").hostname
+    return host or registry
+
+
+def is_insecure_registry(registry: str, env: str | None = None) -> bool:
+    """Whether ``WASM_INSECURE_REGISTRIES`` (comma list of host[:port], ``*``) names it."""
+    value = os.environ.get("WASM_INSECURE_REGISTRIES", "") if env is None else env
+    entries = {e.strip().lower() for e in value.split(",") if e.strip()}
+    return "*" in entries or registry.lower() in entries or host_of(registry).lower() in entries
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.lower().strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_private_host(host: str) -> bool:
+    """localhost, or an IP literal that is not globally reachable (private, link-local, ...)."""
+    if is_loopback_host(host):
+        return True
+    try:
+        return _blocked_ip(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return False
+
+
+def _blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    # not is_global: loopback, private, link-local, CGNAT, documentation, reserved, unspecified
+    return not ip.is_global or ip.is_multicast or str(ip) in METADATA_HOSTS
+
+
+def resolve_host(host: str) -> list[str]:
+    try:
+        return [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
+    except (OSError, UnicodeError):
+        return []  # the token request itself will fail and say so
+
+
+def check_realm(realm: str, registry: str, resolve: Resolver | None = resolve_host) -> None:
+    """Refuse a bearer realm aimed at internal addresses (SSRF), unless the registry is local."""
+    parts = urlsplit(realm)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: not an http(s) url")
+    if host in METADATA_HOSTS:
+        raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: a metadata address")
+    if is_private_host(host_of(registry)):
+        return
+    if is_private_host(host):
+        raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: an internal address "
+                          "(allowed only for a registry that is itself local)")
+    for addr in resolve(host) if resolve else ():
+        if is_private_host(addr) or addr in METADATA_HOSTS:
+            raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: {host} resolves "
+                              f"to the internal address {addr}")
+
+
 __all__ = [
     "ANONYMOUS",
     "DOCKER_HUB_KEY",
+    "METADATA_HOSTS",
     "Credentials",
     "DockerConfig",
+    "check_realm",
     "credentials_for",
     "default_docker_config",
+    "is_insecure_registry",
+    "is_loopback_host",
+    "is_private_host",
     "load_pull_secret",
     "normalize_registry",
     "parse_docker_config",

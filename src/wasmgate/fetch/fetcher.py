@@ -22,7 +22,6 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -197,50 +196,46 @@ class ModuleFetcher:
     def _fetch_oci(self, request: _Request, pull_secret: Any, insecure: bool | None,
                    ca_file: str | None, progress: Progress | None) -> FetchResult:
         from . import oci
+
+        options: dict[str, Any] = {"credentials": pull_secret, "insecure": insecure,
+                                   "ca_file": ca_file}
+        expected = request.pinned
+        if expected is None:  # resolve the tag first: the cache may hold its manifest already
+            try:
+                expected = _hex(oci.resolve_digest(request.url, **options))
+            except FetchError:
+                self.metrics.remote_fetch("manifest_failure")
+                raise
+            hit = self._from_cache(request, expected)
+            self.metrics.lookup(hit is not None)
+            if hit is not None:
+                return hit
+        # The registry client checks the digest against the manifest (or the index it came
+        # from) before it downloads any layer.
+        pulled = self._pull(request, expected, progress, options)
+        self.metrics.remote_fetch("success")
+        return self._store(request, pulled.wasm, expected)
+
+    def _pull(self, request: _Request, digest: str, progress: Progress | None,
+              options: dict[str, Any]) -> Any:
+        from . import oci
         from .errors import DigestMismatch, NotWasm
 
-        ref = request.url.removeprefix("oci://")
-        options: dict[str, Any] = {"credentials": _credentials(ref, pull_secret),
-                                   "insecure": insecure, "ca_file": ca_file}
-        digest = self._guard("manifest_failure", lambda: _hex(oci.resolve_digest(ref, **options)))
-        self._check_pin(request, digest)
-        hit = self._from_cache(request, digest)  # the manifest is known: check the cache again
-        self.metrics.lookup(hit is not None)
-        if hit is not None:
-            return hit
         try:
-            pulled = oci.pull(ref, expected_digest=f"sha256:{digest}", progress=progress,
-                              **options)
-        except DigestMismatch:
+            return oci.pull(request.url, expected_digest=f"sha256:{digest}", progress=progress,
+                            max_size=self.http.options.max_size, **options)
+        except DigestMismatch as exc:
+            if _hex(exc.expected) != digest:  # a corrupt blob, not a moved or wrong pin
+                self.metrics.remote_fetch("download_failure")
+                raise
             self.metrics.remote_fetch("checksum_mismatched")
-            raise
+            raise mismatch(request.shown, _hex(exc.actual), digest) from None
         except NotWasm:
             self.metrics.remote_fetch("fetch_failure")
             raise
         except FetchError:
             self.metrics.remote_fetch("download_failure")
             raise
-        checksum = _hex(pulled.manifest_digest)
-        self._check_pin(request, checksum)
-        self.metrics.remote_fetch("success")
-        return self._store(request, pulled.wasm, checksum)
-
-    def _guard(self, failure: Literal["manifest_failure"], step: Callable[[], str]) -> str:
-        try:
-            return step()
-        except FetchError:
-            self.metrics.remote_fetch(failure)
-            raise
-
-
-def _credentials(ref: str, pull_secret: Any) -> Any:
-    """The registry's credentials from the pull secret (None: the default docker config)."""
-    from .credentials import credentials_for
-
-    host = ref.split("/", 1)[0] if "/" in ref else "docker.io"
-    if "." not in host and ":" not in host and host != "localhost":
-        host = "docker.io"
-    return credentials_for(host, pull_secret)
 
 
 @dataclass(frozen=True)

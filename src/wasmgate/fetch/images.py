@@ -4,7 +4,8 @@ Formats (spec section 4):
 
 - ``docker`` (alias ``compat``): Docker v2 manifest, Docker image config, one gzip tar layer with
   ``plugin.wasm`` (what ``docker build`` makes from ``FROM scratch`` + ``COPY plugin.wasm ./``).
-- ``oci``: the same as an OCI manifest (``buildah``), annotated ``module.wasm.image/variant=compat``.
+- ``oci``: the same as an OCI manifest (``buildah``), annotated
+  ``module.wasm.image/variant=compat``.
 - ``artifact``: the wasme artifact, two layers: runtime config
   (``application/vnd.module.wasm.config.v1+json``) and the raw module
   (``application/vnd.module.wasm.content.layer.v1+wasm``).
@@ -299,6 +300,22 @@ def wasm_from_tar(layer: bytes, limit: int = DEFAULT_MAX_SIZE) -> bytes:
     raise NotWasm("the last layer has no plugin.wasm")
 
 
+def choose_manifest(index: dict[str, Any], subject: str) -> dict[str, Any]:
+    """An index's linux/amd64 entry, else its only (non-attestation) entry."""
+    entries = [e for e in index.get("manifests") or [] if isinstance(e, dict) and e.get("digest")
+               and (e.get("annotations") or {}).get("vnd.docker.reference.type")
+               != "attestation-manifest"]
+    platforms = [(e.get("platform") or {}) for e in entries]
+    for entry, platform in zip(entries, platforms, strict=True):
+        if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+            return entry
+    if len(entries) == 1:
+        return entries[0]
+    found = ", ".join(f"{p.get('os')}/{p.get('architecture')}" for p in platforms)
+    raise NotWasm(f"{subject}: image index has no linux/amd64 entry (has {found})"
+                  if found else f"{subject}: image index is empty")
+
+
 def extract_wasm(manifest: dict[str, Any], media_type: str,
                  fetch: Callable[[dict[str, Any]], bytes], *, subject: str = "image",
                  max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, str]:
@@ -334,6 +351,7 @@ __all__ = [
     "WasmImage",
     "build_image",
     "build_index",
+    "choose_manifest",
     "extract_wasm",
     "plugin_tar",
     "push",

@@ -1,34 +1,25 @@
 """Wasm modules from OCI registries: a small registry v2 client on httpx.
 
-Why not the ``oras`` package (0.2.x, evaluated at 0.2.43): it pulls in ``requests`` and
-``jsonschema``; its ``get_manifest`` returns parsed JSON, so the manifest digest cannot be computed
-from the bytes served, and ``download_blob`` writes blobs without checking their digests; it has
-no image-index platform selection, no size cap, no progress, no plain-HTTP fallback (one global
-``insecure`` flag) and no guard on the bearer ``realm`` it is sent to (it also logs token-service
-replies); its retry decorator sleeps 3 + 3**n seconds on any error, so a stopped registry blocks a
-pull for minutes; and it talks to ``docker.io`` itself instead of ``index.docker.io``. It does do
-anonymous tokens, basic auth and a custom CA. What we need on top is most of a client, so this is
-one: ~250 lines on httpx.
+Not ``oras`` (0.2.43 evaluated): it adds ``requests`` + ``jsonschema``; ``get_manifest`` returns
+parsed JSON (no bytes, so no manifest digest), ``download_blob`` never checks digests; no index
+platform choice, size cap, progress, plain-HTTP fallback or bearer-``realm`` guard; its retry
+decorator sleeps 3 + 3**n s on any error (a stopped registry blocks a pull for minutes). It does
+anonymous tokens, Basic and a custom CA, but what we need on top is most of a client.
 
-Behaviour follows Istio's fetcher (go-containerregistry): references as docker reads them
-(Docker Hub default, ``library/``), image index -> the linux/amd64 entry (else the only one), the
-checksum is the chosen manifest's digest, ``WASM_INSECURE_REGISTRIES`` (comma list, ``*`` = all)
-turns TLS verification off and allows plain HTTP, as does a localhost/127.x registry; a 401 bearer
-``realm`` pointing at loopback, private, link-local or metadata addresses is refused unless the
-registry itself is local (Istio 1.29.6's SSRF guard). Every manifest and blob is checked against
-its digest. Formats are decoded in :mod:`wasmgate.fetch.images`.
+As Istio's fetcher (go-containerregistry): docker reference rules; index -> linux/amd64, else
+the only entry; checksum = the chosen manifest's digest; ``WASM_INSECURE_REGISTRIES`` and
+localhost registries may use plain HTTP; the SSRF realm guard is in :mod:`.credentials`, the
+image formats in :mod:`.images`. Every manifest and blob is checked against its digest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import re
-import socket
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,21 +27,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..api.urls import SHA256_HEX
-from .credentials import Credentials, credentials_for
-from .errors import (
-    AuthError,
-    DigestMismatch,
-    FetchError,
-    NotFound,
-    NotWasm,
-    RegistryError,
-    RegistryUnreachable,
-    SsrfBlocked,
-)
+from . import credentials as cr
+from . import errors as err
+from .credentials import Credentials, check_realm, is_insecure_registry
 
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
-MANIFEST_MAX = 4 * 1024 * 1024
+MANIFEST_MAX = 4 * 1024 * 1024  # as go-containerregistry's manifest limit
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -58,10 +41,7 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 DOCKER_HUB = "index.docker.io"
-METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata",
-                            "169.254.169.254", "fd00:ec2::254", "100.100.100.200"})
 Progress = Callable[[int, int], None]
-Resolver = Callable[[str], Iterable[str]]
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG = re.compile(r"^\w[\w.-]{0,127}$")
@@ -96,7 +76,7 @@ class PulledImage:
     manifest_digest: str
     format: str
     ref: str
-    index_digest: str | None = None
+    index_digest: str | None = None  # the index it was chosen from, if any
 
 
 @dataclass(frozen=True)
@@ -113,7 +93,7 @@ def parse_reference(ref: str) -> Reference:
     if raw[:6].lower() == "oci://":
         raw = raw[6:]
     elif "://" in raw:
-        raise FetchError(f"{ref}: not an OCI reference (expected oci:// or no scheme)")
+        raise err.FetchError(f"{ref}: not an OCI reference (expected oci:// or no scheme)")
     name, _, digest = raw.partition("@")
     digest = normalize_digest(digest, ref) if digest else None
     tag = None
@@ -121,7 +101,7 @@ def parse_reference(ref: str) -> Reference:
     if ":" in last:
         name, tag = name.rsplit(":", 1)
         if not _TAG.match(tag):
-            raise FetchError(f"{ref}: invalid tag {tag!r}")
+            raise err.FetchError(f"{ref}: invalid tag {tag!r}")
     first, _, rest = name.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
         registry, repository = first.lower(), rest
@@ -132,7 +112,7 @@ def parse_reference(ref: str) -> Reference:
         if "/" not in repository:
             repository = f"library/{repository}"
     if not _REPO.match(repository):
-        raise FetchError(f"{ref}: invalid repository name {repository!r}")
+        raise err.FetchError(f"{ref}: invalid repository name {repository!r}")
     return Reference(registry, repository, tag if tag or digest else "latest", digest)
 
 
@@ -140,73 +120,8 @@ def normalize_digest(value: str, subject: str = "digest") -> str:
     """``sha256:<hex>`` from ``sha256:<hex>`` or bare hex; anything else is a FetchError."""
     hexpart = value[7:] if value.startswith("sha256:") else value
     if not SHA256_HEX.match(hexpart):
-        raise FetchError(f"{subject}: {value!r} is not a sha256 digest")
+        raise err.FetchError(f"{subject}: {value!r} is not a sha256 digest")
     return f"sha256:{hexpart}"
-
-
-def _host(registry: str) -> str:
-    host = urlsplit(f"//{registry}").hostname
-    return host or registry
-
-
-def is_insecure_registry(registry: str, env: str | None = None) -> bool:
-    """Whether ``WASM_INSECURE_REGISTRIES`` (comma list of host[:port], ``*``) names it."""
-    value = os.environ.get("WASM_INSECURE_REGISTRIES", "") if env is None else env
-    entries = {e.strip().lower() for e in value.split(",") if e.strip()}
-    return "*" in entries or registry.lower() in entries or _host(registry).lower() in entries
-
-
-def is_loopback_host(host: str) -> bool:
-    host = host.lower().strip("[]")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def is_private_host(host: str) -> bool:
-    """Loopback, private, link-local, unspecified or reserved (by name or IP literal)."""
-    if is_loopback_host(host):
-        return True
-    try:
-        return _blocked_ip(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return False
-
-
-def _blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
-            or ip.is_reserved or ip.is_multicast or str(ip) in METADATA_HOSTS)
-
-
-def _resolve_host(host: str) -> list[str]:
-    try:
-        return [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
-    except (OSError, UnicodeError):
-        return []  # the token request itself will fail and say so
-
-
-def check_realm(realm: str, registry: str, resolve: Resolver | None = _resolve_host) -> None:
-    """Refuse a bearer realm aimed at internal addresses (SSRF), unless the registry is local."""
-    parts = urlsplit(realm)
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host:
-        raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: not an http(s) url")
-    if host in METADATA_HOSTS:
-        raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: a metadata address")
-    if is_private_host(_host(registry)):
-        return
-    if is_private_host(host):
-        raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: an internal address "
-                          "(allowed only for a registry that is itself local)")
-    for addr in resolve(host) if resolve else ():
-        if is_private_host(addr) or addr in METADATA_HOSTS:
-            raise SsrfBlocked(f"{registry}: refusing token realm {realm!r}: {host} resolves "
-                              f"to the internal address {addr}")
 
 
 def parse_challenge(value: str) -> tuple[str, dict[str, str]]:
@@ -223,13 +138,13 @@ class RegistryClient:
     def __init__(self, registry: str, credentials: Credentials | None = None, *,
                  insecure: bool | None = None, ca_file: str | os.PathLike[str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_size: int = DEFAULT_MAX_SIZE,
-                 resolve: Resolver | None = _resolve_host) -> None:
+                 resolve: cr.Resolver | None = None) -> None:
         self.registry = registry
         self.credentials = credentials or Credentials()
         self.insecure = is_insecure_registry(registry) if insecure is None else insecure
         self.max_size = max_size
-        self._resolve = resolve
-        plain_ok = self.insecure or is_loopback_host(_host(registry))
+        self._resolve = resolve or cr.resolve_host  # looked up late: tests replace it
+        plain_ok = self.insecure or cr.is_loopback_host(cr.host_of(registry))
         self._schemes = ["https", "http"] if plain_ok else ["https"]
         self._base: str | None = None
         self._tokens: dict[str, str] = {}
@@ -246,12 +161,7 @@ class RegistryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
         self._http.close()
-
-    # -- transport and auth ------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, scope: str, stream: bool = False,
                 **kwargs: Any) -> httpx.Response:
@@ -264,11 +174,11 @@ class RegistryClient:
             response = self._send(method, path, scope, stream, kwargs)
             if response.status_code == 401:
                 response.close()
-                raise AuthError(f"{self.registry}: authentication failed "
+                raise err.AuthError(f"{self.registry}: authentication failed "
                                 f"({self._who()}) for {method} {path}")
         if response.status_code == 403:
             response.close()
-            raise AuthError(f"{self.registry}: access denied ({self._who()}) for {method} {path}")
+            raise err.AuthError(f"{self.registry}: denied ({self._who()}) for {method} {path}")
         return response
 
     def _who(self) -> str:
@@ -292,31 +202,31 @@ class RegistryClient:
             try:
                 response = self._http.send(request, stream=stream)
             except httpx.TimeoutException:
-                raise RegistryUnreachable(f"{self.registry}: timed out ({method} {path})") from None
+                raise err.RegistryUnreachable(f"{self.registry}: timed out: {path}") from None
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 error = exc
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                    raise RegistryUnreachable(f"{self.registry}: TLS certificate not trusted "
+                    raise err.RegistryUnreachable(f"{self.registry}: TLS certificate not trusted "
                                               f"({_reason(exc)})") from None
                 continue
             except httpx.HTTPError as exc:
-                raise RegistryUnreachable(f"{self.registry}: {_reason(exc)}") from None
+                raise err.RegistryUnreachable(f"{self.registry}: {_reason(exc)}") from None
             self._base = self._base or base
             return response
-        raise RegistryUnreachable(f"{self.registry}: cannot connect: {_reason(error)}")
+        raise err.RegistryUnreachable(f"{self.registry}: cannot connect: {_reason(error)}")
 
     def _authenticate(self, challenge: str, scope: str) -> None:
         scheme, params = parse_challenge(challenge)
         if scheme == "basic":
             if not self.credentials.has_basic:
-                raise AuthError(f"{self.registry}: authentication required and no credentials "
+                raise err.AuthError(f"{self.registry}: authentication required and no credentials "
                                 "were given")
             if self._use_basic:
-                raise AuthError(f"{self.registry}: authentication failed ({self._who()})")
+                raise err.AuthError(f"{self.registry}: authentication failed ({self._who()})")
             self._use_basic = True
             return
         if scheme != "bearer" or not params.get("realm"):
-            raise AuthError(f"{self.registry}: unsupported authentication challenge {scheme!r}")
+            raise err.AuthError(f"{self.registry}: unsupported authentication challenge {scheme!r}")
         realm = params["realm"]
         check_realm(realm, self.registry, self._resolve)
         creds = self.credentials
@@ -335,12 +245,12 @@ class RegistryClient:
                 reply = self._http.get(realm, params=query, headers=headers,
                                        follow_redirects=False)
         except httpx.HTTPError as exc:
-            raise RegistryUnreachable(f"{self.registry}: token service {realm}: "
+            raise err.RegistryUnreachable(f"{self.registry}: token service {realm}: "
                                       f"{_reason(exc)}") from None
         if reply.status_code in (401, 403):
-            raise AuthError(f"{self.registry}: token service {realm} refused ({self._who()})")
+            raise err.AuthError(f"{self.registry}: token service {realm} refused ({self._who()})")
         if reply.status_code != 200:
-            raise RegistryError(f"{self.registry}: token service {realm} answered "
+            raise err.RegistryError(f"{self.registry}: token service {realm} answered "
                                 f"{reply.status_code}", reply.status_code)
         try:
             body = reply.json()
@@ -348,7 +258,7 @@ class RegistryClient:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            raise RegistryError(f"{self.registry}: token service {realm} gave no token")
+            raise err.RegistryError(f"{self.registry}: token service {realm} gave no token")
         self._tokens[scope] = token
 
     def check(self, response: httpx.Response, what: str) -> None:
@@ -359,8 +269,8 @@ class RegistryClient:
         detail = _registry_errors(response)
         response.close()
         if response.status_code == 404:
-            raise NotFound(f"{self.registry}: {what} not found{detail}")
-        raise RegistryError(f"{self.registry}: {what}: HTTP {response.status_code}{detail}",
+            raise err.NotFound(f"{self.registry}: {what} not found{detail}")
+        raise err.RegistryError(f"{self.registry}: {what}: HTTP {response.status_code}{detail}",
                             response.status_code)
 
     def read_capped(self, response: httpx.Response, limit: int, what: str,
@@ -371,19 +281,17 @@ class RegistryClient:
             for chunk in response.iter_bytes():
                 done += len(chunk)
                 if done > limit:
-                    raise FetchError(f"{self.registry}: {what} exceeds the size cap of "
+                    raise err.FetchError(f"{self.registry}: {what} exceeds the size cap of "
                                      f"{limit} bytes")
                 digest.update(chunk)
                 chunks.append(chunk)
                 if progress:
                     progress(done, max(total, done))
         except httpx.HTTPError as exc:
-            raise RegistryUnreachable(f"{self.registry}: {what}: {_reason(exc)}") from None
+            raise err.RegistryUnreachable(f"{self.registry}: {what}: {_reason(exc)}") from None
         finally:
             response.close()
         return b"".join(chunks), f"sha256:{digest.hexdigest()}"
-
-    # -- content -----------------------------------------------------------------------------
 
     def get_manifest(self, repository: str, reference: str) -> Manifest:
         what = f"manifest {repository}:{reference}"
@@ -393,11 +301,13 @@ class RegistryClient:
         self.check(response, what)
         raw, digest = self.read_capped(response, MANIFEST_MAX, what)
         if reference.startswith("sha256:") and digest != reference:
-            raise DigestMismatch(f"{self.registry}/{repository} manifest", reference, digest)
+            raise err.DigestMismatch(f"{self.registry}/{repository} manifest", reference, digest)
         try:
-            data = _json_object(raw)
+            data = json.loads(raw)
         except ValueError:
-            raise RegistryError(f"{self.registry}: {what} is not a JSON object") from None
+            data = None
+        if not isinstance(data, dict):
+            raise err.RegistryError(f"{self.registry}: {what} is not a JSON object")
         media = data.get("mediaType") or response.headers.get("content-type", "")
         return Manifest(raw, str(media).split(";")[0].strip(), digest, data)
 
@@ -406,7 +316,7 @@ class RegistryClient:
         digest = normalize_digest(str(descriptor.get("digest", "")), "layer descriptor")
         size = int(descriptor.get("size") or 0)
         if size > self.max_size:
-            raise FetchError(f"{self.registry}: blob {digest} is {size} bytes, over the size "
+            raise err.FetchError(f"{self.registry}: blob {digest} is {size} bytes, over the size "
                              f"cap of {self.max_size}")
         what = f"blob {digest} of {repository}"
         response = self.request("GET", f"/v2/{repository}/blobs/{digest}",
@@ -414,15 +324,8 @@ class RegistryClient:
         self.check(response, what)
         data, actual = self.read_capped(response, self.max_size, what, progress, size)
         if actual != digest:
-            raise DigestMismatch(f"{self.registry}/{repository} blob", digest, actual)
+            raise err.DigestMismatch(f"{self.registry}/{repository} blob", digest, actual)
         return data
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    data = json.loads(raw)
-    if not isinstance(data, dict):
-        raise ValueError("not an object")
-    return data
 
 
 def _registry_errors(response: httpx.Response) -> str:
@@ -435,23 +338,15 @@ def _registry_errors(response: httpx.Response) -> str:
 
 
 def _reason(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no address to try"
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:300] + "..."
-
-
-def resolve(client: RegistryClient, ref: Reference) -> tuple[Manifest, Manifest | None]:
-    """(top-level manifest, chosen image manifest or None when it is not fetched yet)."""
-    top = client.get_manifest(ref.repository, ref.reference)
-    return top, (None if top.media_type in INDEX_TYPES else top)
 
 
 def _client(ref: Reference, credentials: Any, insecure: bool | None,
             ca_file: str | os.PathLike[str] | None, timeout: float,
             max_size: int) -> RegistryClient:
     lookup = "docker.io" if ref.registry == DOCKER_HUB else ref.registry
-    return RegistryClient(ref.registry, credentials_for(lookup, credentials), insecure=insecure,
+    return RegistryClient(ref.registry, cr.credentials_for(lookup, credentials), insecure=insecure,
                           ca_file=ca_file, timeout=timeout, max_size=max_size)
 
 
@@ -459,18 +354,20 @@ def _pin_matches(expected: str | None, ref: str, *digests: str) -> None:
     if expected:
         want = normalize_digest(expected, f"{ref}: expected digest")
         if want not in digests:
-            raise DigestMismatch(f"image {ref}", want, digests[0])
+            raise err.DigestMismatch(f"image {ref}", want, digests[0])
 
 
 def resolve_digest(ref: str, *, credentials: Any = None, insecure: bool | None = None,
                    ca_file: str | os.PathLike[str] | None = None,
                    timeout: float = DEFAULT_TIMEOUT) -> str:
     """The digest of the manifest ``pull`` would use, without downloading layers."""
+    from .images import choose_manifest
+
     parsed = parse_reference(ref)
     with _client(parsed, credentials, insecure, ca_file, timeout, DEFAULT_MAX_SIZE) as client:
-        top, chosen = resolve(client, parsed)
-        if chosen is not None:
-            return chosen.digest
+        top = client.get_manifest(parsed.repository, parsed.reference)
+        if top.media_type not in INDEX_TYPES:
+            return top.digest
         return normalize_digest(str(choose_manifest(top.data, ref)["digest"]), ref)
 
 
@@ -480,24 +377,23 @@ def pull(ref: str, *, credentials: Any = None, insecure: bool | None = None,
          max_size: int = DEFAULT_MAX_SIZE) -> PulledImage:
     """Fetch ``ref`` and extract its Wasm module, checking every digest on the way.
 
-    ``credentials``: :class:`Credentials`, a ``DockerConfig``, an ``imagePullSecret`` (JSON,
-    file or directory) or None for the default docker config. ``expected_digest`` pins the
-    chosen manifest (an index's digest is accepted too: it commits to the chosen manifest).
+    ``credentials``: as :func:`credentials.credentials_for`. ``expected_digest`` pins the chosen
+    manifest (an index's digest is accepted too: it commits to the chosen manifest).
     """
-    from .images import extract_wasm
+    from .images import choose_manifest, extract_wasm
 
     parsed = parse_reference(ref)
     with _client(parsed, credentials, insecure, ca_file, timeout, max_size) as client:
-        top, chosen = resolve(client, parsed)
-        if chosen is None:
+        chosen = top = client.get_manifest(parsed.repository, parsed.reference)
+        if top.media_type in INDEX_TYPES:
             entry = choose_manifest(top.data, ref)
             chosen = client.get_manifest(parsed.repository, normalize_digest(entry["digest"]))
             if chosen.media_type in INDEX_TYPES:
-                raise NotWasm(f"{ref}: nested image indexes are not supported")
+                raise err.NotWasm(f"{ref}: nested image indexes are not supported")
         _pin_matches(expected_digest, ref, chosen.digest, top.digest)
         wasm, fmt = extract_wasm(chosen.data, chosen.media_type,
                                  lambda desc: client.get_blob(parsed.repository, desc, progress),
                                  subject=ref, max_size=max_size)
-    index_digest = top.digest if top is not chosen else None
-    return PulledImage(wasm, chosen.digest, fmt, str(parsed), index_digest)
+    return PulledImage(wasm, chosen.digest, fmt, str(parsed),
+                       top.digest if top is not chosen else None)
 

@@ -109,6 +109,15 @@ class DownstreamProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._error(400, f"malformed request: {exc}\n".encode())
 
+    def pause_writing(self) -> None:
+        """The client reads slower than the upstream sends: stop reading the upstream."""
+        if self.exchanges:
+            self.exchanges[0].client_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.exchanges:
+            self.exchanges[0].client_paused(False)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         for exchange in list(self.exchanges):
@@ -360,6 +369,7 @@ class Exchange:
             out.insert(0, (b"host", authority))
         out, self._request_framing = choose_framing(out, eos)
         head = request_head(method, path, out)
+        self._request_head = head if eos and method in (b"GET", b"HEAD", b"OPTIONS") else None
         self._upstream_queue = [head]
         endpoint = route.pick()
         pool = self.state.pools.pool(endpoint)
@@ -372,9 +382,12 @@ class Exchange:
         if eos:
             self._arm_timeout()
 
-    async def _connect(self, route: RouteTarget, endpoint: Endpoint, head_request: bool) -> None:
+    async def _connect(self, route: RouteTarget, endpoint: Endpoint, head_request: bool,
+                       fresh: bool = False) -> None:
         try:
-            connection = await self.state.pools.pool(endpoint).acquire(route.connect_timeout)
+            pool = self.state.pools.pool(endpoint)
+            connection = await (pool.connect(route.connect_timeout) if fresh
+                                else pool.acquire(route.connect_timeout))
         except (OSError, TimeoutError) as exc:
             log.debug("connect to %s failed: %s", endpoint, exc)
             self.state.stats.upstream_connect_failures += 1
@@ -410,6 +423,20 @@ class Exchange:
                 self._upstream.abandon()
                 self._upstream = None
             self._router_reply(504, b"upstream request timeout", "upstream_response_timeout")
+
+    # -- flow control ------------------------------------------------------------------------
+    def client_paused(self, paused: bool) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_reading(paused)
+
+    def upstream_paused(self, paused: bool) -> None:
+        """The upstream reads the request body slower than the client sends it."""
+        transport = self.connection.transport
+        if transport is not None and not transport.is_closing():
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # -- upstream response (ResponseSink) ----------------------------------------------------
     def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None:
@@ -448,8 +475,22 @@ class Exchange:
                 self.stream.response_body(b"", True)
             self._drain()
 
+    _request_head: bytes | None = None
+    _retried = False
+
     def on_upstream_error(self, details: str, status: int) -> None:
         self._upstream = None
+        if (self._request_head is not None and not self._retried and not self._response_started
+                and "before_response_started{connection_termination}" in details):
+            # A pooled keep-alive connection the upstream had just closed: an idempotent,
+            # body-less request is safe to send once more on a fresh connection.
+            self._retried = True
+            self._upstream_queue = [self._request_head]
+            route = self.route
+            assert route is not None
+            asyncio.get_running_loop().create_task(
+                self._connect(route, route.pick(), self.method == b"HEAD", fresh=True))
+            return
         if self._response_started:
             self.abort(details)
             self.connection.close()

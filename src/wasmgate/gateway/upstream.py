@@ -68,17 +68,34 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.sink is not None:
-            details = ("upstream_reset_after_response_started{connection_termination}"
-                       if self._headers_seen
-                       else "upstream_reset_before_response_started{connection_termination}")
-            self._fail(details, 503)
+        if self.sink is None:
+            return
+        if self._headers_seen and self._close_delimited and exc is None:
+            sink, self.sink = self.sink, None  # no length, not chunked: the close ends it
+            sink.on_response_end([])
+            return
+        details = ("upstream_reset_after_response_started{connection_termination}"
+                   if self._headers_seen
+                   else "upstream_reset_before_response_started{connection_termination}")
+        self._fail(details, 503)
 
+    # Flow control: a slow upstream pauses the client's reads, and the reverse (server.py).
     def pause_writing(self) -> None:
         self._writable.clear()
+        if self.sink is not None and hasattr(self.sink, "upstream_paused"):
+            self.sink.upstream_paused(True)
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if self.sink is not None and hasattr(self.sink, "upstream_paused"):
+            self.sink.upstream_paused(False)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is not None and not self.closed:
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     # -- httptools callbacks -------------------------------------------------------------------
     _headers_seen = False
@@ -99,6 +116,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._reusable = False
         length = next((v for k, v in self._headers if k == b"content-length"), None)
         self._remaining = int(length) if length is not None and length.isdigit() else None
+        self._close_delimited = length is None and not any(
+            k == b"transfer-encoding" for k, _ in self._headers)
         if length == b"0":
             no_body = True
         if self.sink is not None:
@@ -110,6 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     _remaining: int | None = None
+    _close_delimited = False
 
     def on_body(self, body: bytes) -> None:
         """With a known length the last chunk carries end_of_stream."""
@@ -182,6 +202,9 @@ class EndpointPool:
         connection = self.take_idle()
         if connection is not None:
             return connection
+        return await self.connect(connect_timeout)
+
+    async def connect(self, connect_timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         _, protocol = await asyncio.wait_for(
             loop.create_connection(lambda: UpstreamConnection(self), self.endpoint.host,
@@ -189,6 +212,7 @@ class EndpointPool:
         return protocol
 
     def release(self, connection: UpstreamConnection) -> None:
+        connection.pause_reading(False)  # a connection paused for a slow client reads again
         if len(self.idle) < self.max_idle:
             self.idle.append(connection)
         else:
