@@ -201,3 +201,8 @@ def demo(listen: str, admin: str) -> None:
         _fail(f"cannot start the demo gateway: {exc} (try --listen/--admin other ports)")
     except KeyboardInterrupt:
         pass
+
+
+from .fetch.image_cli import image as _image  # noqa: E402  (subcommand group)
+
+main.add_command(_image)
