@@ -173,8 +173,11 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="WASMGATE_CACHE_DIR", help="Module cache (default ~/.cache/wasmgate).")
 def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
-        upstream: str | None, workers: int, log_level: str, access_log: bool) -> None:
+        upstream: str | None, workers: int, log_level: str, access_log: bool,
+        cache_dir: Path | None) -> None:
     """Run the gateway: plugins from the WasmPlugin resources, in front of the upstreams."""
     from .gateway.runner import run_gateway
 

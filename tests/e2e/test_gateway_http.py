@@ -161,6 +161,8 @@ def test_upstream_closing_idle_connections_is_retried(start_gateway: Start) -> N
             self.request.close()
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), OneShot)
+    server.daemon_threads = True  # a handler may still block in recv on a pooled connection
+    server.block_on_close = False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         gateway = start_gateway(gateway_doc(f"127.0.0.1:{server.server_address[1]}"))
@@ -183,6 +185,8 @@ def test_close_delimited_upstream_response(start_gateway: Start) -> None:
             self.request.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil close")
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), CloseDelimited)
+    server.daemon_threads = True
+    server.block_on_close = False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         gateway = start_gateway(gateway_doc(f"127.0.0.1:{server.server_address[1]}"))

@@ -122,6 +122,16 @@ def test_redirects_are_followed(server: WasmServer) -> None:
     assert fetcher().fetch(url) == example_wasm()
 
 
+def test_redirect_loops_and_bad_encodings_stop(server: WasmServer) -> None:
+    loop = server.add("/loop", Reply(302, headers={"Location": "/loop"}))
+    with pytest.raises(FetchError, match="TooManyRedirects"):
+        fetcher().fetch(loop)
+    bad = server.add("/enc", Reply(body=b"not gzip at all", headers={"Content-Encoding": "gzip"}))
+    with pytest.raises(FetchError, match="DecodingError"):
+        fetcher().fetch(bad)
+    assert server.hits["/enc"] == 1
+
+
 def test_connection_refused_is_retried() -> None:
     with WasmServer() as gone:
         url = gone.url("/m")

@@ -85,6 +85,14 @@ class ModuleFetcher:
         self.http = http or HttpFetcher()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.cache.load_index()
+        self.metrics.set_cache_entries(self.cache.module_count)
+
+    def purge(self) -> list[str]:
+        """Expire unused modules now (the gateway calls this every `WASM_PURGE_INTERVAL`)."""
+        removed = self.cache.purge()
+        self.metrics.set_cache_entries(self.cache.module_count)
+        return removed
 
     def fetch_plugin(self, plugin: WasmPlugin, **kwargs: Any) -> FetchResult:
         """`fetch` with everything a WasmPlugin says about its module."""
@@ -108,7 +116,8 @@ class ModuleFetcher:
             return FetchResult(wasm, digest, digest, "file", url)
         if scheme not in REMOTE_SCHEMES:
             raise FetchError(f"{redact_url(url)}: fetching {scheme}:// modules is not supported")
-        request = _Request(url, redact_url(url), sha256 or url_digest(url),
+        pinned = _hex(sha256.strip().lower()) if sha256 else url_digest(url)
+        request = _Request(url, redact_url(url), pinned,
                            effective_policy(pull_policy, url), resource_name, revision)
         with self._lock_for(request.key):
             hit = self._lookup(request, force)
@@ -169,13 +178,12 @@ class ModuleFetcher:
 
     def _fetch_http(self, request: _Request, insecure: bool | None, ca_file: str | None,
                     progress: Progress | None) -> FetchResult:
-        from .sources import fetch_error
+        from .errors import NotWasm
 
-        not_wasm = type(fetch_error("NotWasm", ""))
         try:
             wasm = self.http.fetch(request.url, insecure=insecure, ca_file=ca_file,
                                    progress=progress)
-        except not_wasm:
+        except NotWasm:
             self.metrics.remote_fetch("fetch_failure")
             raise
         except FetchError:

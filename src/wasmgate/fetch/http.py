@@ -182,8 +182,8 @@ class HttpFetcher:
                 return self._read_body(response, shown, deadline, progress)
         except httpx.TransportError as exc:
             raise _Retryable(_describe(exc)) from None
-        except httpx.InvalidURL as exc:
-            raise FetchError(f"{shown}: invalid url: {exc}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # bad encoding, redirect loop, url
+            raise FetchError(f"{shown}: {type(exc).__name__}: {exc}") from None
 
     def _read_body(self, response: httpx.Response, shown: str, deadline: float,
                    progress: Progress | None) -> bytes:

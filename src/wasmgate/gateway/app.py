@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import re
 import signal
 from pathlib import Path
@@ -15,6 +16,9 @@ from ..api.gateway import Gateway, GatewayMeta, GatewaySpec
 from ..api.loading import config_files, load_paths
 from ..api.ordering import select_for_gateway
 from ..chain import FilterChain
+from ..fetch.cache import ModuleCache
+from ..fetch.fetcher import ModuleFetcher
+from ..runtime.abi import LogLevel
 from ..runtime.plugin import Plugin
 from ..runtime.vm import Limits
 from .admin import AdminServer
@@ -37,10 +41,13 @@ class GatewayApp:
     def __init__(self, config_paths: list[Path], *, listen: tuple[str, int] | None = None,
                  admin: tuple[str, int] | None = None, upstream: str | None = None,
                  drain_seconds: float = 10.0, reload_interval: float = 1.0,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, cache_dir: Path | None = None,
+                 plugin_log_level: str = "info") -> None:
         self.config_paths = config_paths
         self.overrides = {"listen": listen, "admin": admin, "upstream": upstream}
         self.drain_seconds = drain_seconds
+        self.cache_dir = cache_dir
+        self.plugin_log_level = LogLevel.parse(plugin_log_level)
         self.reload_interval = reload_interval
         self.reuse_port = reuse_port
         self.pools = UpstreamPools()
@@ -98,7 +105,10 @@ class GatewayApp:
         router = Router(gateway.spec)
         host = GatewayHost(loop, self.pools, router.resolve)
         limits = _limits(gateway.spec)
-        self.plugins = PluginManager(host, limits=limits)
+        fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)
+        self.plugins = PluginManager(host, limits=limits, fetcher=fetcher,
+                                     log_level=self.plugin_log_level)
+        self._purger = loop.create_task(self._purge_periodically())
         managed = self.plugins.prepare(self._select(gateway, resources))  # type: ignore[arg-type]
         self.plugins.install(managed)
         self._swap(router, managed)
@@ -166,6 +176,20 @@ class GatewayApp:
                 self._mtimes = current
                 await self.reload()
 
+    async def _purge_periodically(self) -> None:
+        """Expire modules unused for WASM_MODULE_EXPIRY, every WASM_PURGE_INTERVAL (1 h)."""
+        interval = float(os.environ.get("WASM_PURGE_INTERVAL_SECONDS", 3600))
+        while not self._stopping.is_set():
+            await asyncio.sleep(interval)
+            try:
+                removed = await asyncio.get_running_loop().run_in_executor(
+                    None, self.plugins.fetcher.purge)
+            except OSError as exc:
+                log.warning("module cache purge failed: %s", exc)
+                continue
+            if removed:
+                log.info("module cache: expired %d unused module(s)", len(removed))
+
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,6 +206,8 @@ class GatewayApp:
         self._stopping.set()
         if self._watcher is not None:
             self._watcher.cancel()
+        if getattr(self, "_purger", None) is not None:
+            self._purger.cancel()
         if self.server is not None:
             self.server.close()
         deadline = asyncio.get_running_loop().time() + self.drain_seconds
@@ -213,6 +239,9 @@ class GatewayApp:
                          "callback_seconds": round(managed.slot.callback_seconds, 6),
                          "memory_bytes": plugin.memory_bytes() if plugin else 0,
                          "abi": plugin.module.abi if plugin else None,
+                         "fetch_attempts": managed.attempts,
+                         "next_fetch_in": (round(managed.next_retry - _now(), 1)
+                                           if managed.next_retry is not None else None),
                          "reload_error": self.plugins.errors.get(managed.slot.name)})
             out.append(info)
         return out
@@ -237,8 +266,13 @@ class GatewayApp:
 
     def prometheus_lines(self) -> list[str]:
         metrics = self.plugins.host.metric_store.all() if self.plugins else []
-        return render_plugin_metrics(metrics) + render_gateway(self.stats,
-                                                               self.plugin_statuses())
+        return (render_plugin_metrics(metrics)
+                + render_gateway(self.stats, self.plugin_statuses())
+                + self.plugins.fetcher.metrics.prometheus_lines())
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _close_plugins(plugins: list[Plugin], host: GatewayHost) -> None:

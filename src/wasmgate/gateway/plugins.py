@@ -1,10 +1,14 @@
 """Turning WasmPlugin resources into running plugin slots, in the background.
 
 The gateway serves at once: a slot whose module is still being fetched, compiled and started
-stands in per failStrategy until it is ready. Fetching, compiling (seconds for a Go plugin)
-and `on_configure` run in a worker thread. On reload, a plugin whose inputs did not change
-keeps its running slot; a changed one is built and configured first (a canary) and replaces
-the old one only if that worked - otherwise the old one stays and the error is reported.
+stands in per failStrategy until it is ready. Fetching (through the module cache and its pull
+policies), compiling (seconds for a Go plugin) and `on_configure` run in a worker thread. A
+fetch that fails is retried with exponential backoff (1 s doubling to 5 min) for as long as
+the plugin stays configured; `/plugins` shows the last error and the next attempt.
+
+On reload, a plugin whose inputs did not change keeps its running slot; a changed one is
+built and configured first (a canary) and replaces the old one only if that worked -
+otherwise the old one stays and the error is reported.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass, field
 from ..api.resources import FailStrategy as ApiFailStrategy
 from ..api.resources import WasmPlugin
 from ..chain import FailStrategy, PluginSlot, SlotStatus
-from ..fetch import FetchError, fetch_module
+from ..fetch.fetcher import ModuleFetcher
+from ..fetch.sources import FetchError
 from ..runtime.abi import LogLevel
 from ..runtime.errors import RuntimeFailure
 from ..runtime.module import PluginModule
@@ -44,6 +49,10 @@ def fingerprint(resource: WasmPlugin, env: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+RETRY_BASE = 1.0
+RETRY_MAX = 300.0
+
+
 @dataclass
 class ManagedSlot:
     resource: WasmPlugin
@@ -52,13 +61,20 @@ class ManagedSlot:
     ready: asyncio.Future[None]
     sha256: str | None = None
     log_level: LogLevel = LogLevel.INFO
-    extra: dict[str, object] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+    next_retry: float | None = None  # loop time of the next fetch attempt, when failing
+    retired: bool = False
 
 
 class PluginManager:
     def __init__(self, host: GatewayHost, *, limits: Limits | None = None,
-                 properties: dict[str, object] | None = None, workers: int = 2) -> None:
+                 properties: dict[str, object] | None = None, workers: int = 2,
+                 fetcher: ModuleFetcher | None = None,
+                 log_level: LogLevel = LogLevel.INFO) -> None:
         self.host = host
+        self.fetcher = fetcher or ModuleFetcher()
+        self.log_level = log_level
         self.limits = limits or Limits()
         self.properties = properties or {}
         self.managed: dict[str, ManagedSlot] = {}
@@ -83,14 +99,23 @@ class PluginManager:
     def _start(self, resource: WasmPlugin, env: dict[str, str], fp: str) -> ManagedSlot:
         loop = asyncio.get_running_loop()
         slot = PluginSlot(resource.filter_name, _FAIL[resource.spec.fail_strategy])
-        managed = ManagedSlot(resource, slot, fp, loop.create_future())
-        future = loop.run_in_executor(self._executor, self._load, managed, env)
-        future.add_done_callback(lambda f: self._loaded(managed, f))
+        managed = ManagedSlot(resource, slot, fp, loop.create_future(), env=env,
+                              log_level=self.log_level)
+        self._attempt(managed)
         return managed
+
+    def _attempt(self, managed: ManagedSlot) -> None:
+        if managed.retired:
+            return
+        managed.attempts += 1
+        managed.next_retry = None
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._load, managed, managed.env)
+        future.add_done_callback(lambda f: self._loaded(managed, f))
 
     def _load(self, managed: ManagedSlot, env: dict[str, str]) -> Plugin:
         resource = managed.resource
-        data = fetch_module(resource.resolved_url(), resource.spec.sha256 or None)
+        data = self.fetcher.fetch_plugin(resource).wasm
         managed.sha256 = hashlib.sha256(data).hexdigest()
         module = PluginModule(data, source=resource.resolved_url())
         config = PluginConfig(name=resource.filter_name, root_id=resource.root_id,
@@ -102,7 +127,12 @@ class PluginManager:
         return plugin
 
     def _loaded(self, managed: ManagedSlot, future: asyncio.Future[Plugin]) -> None:
+        if future.cancelled():
+            return
         exc = future.exception()
+        if exc is None and managed.retired:  # replaced while loading: never used
+            future.result().close()
+            return
         if exc is None:
             managed.slot.plugin = future.result()
             managed.slot._status = SlotStatus.READY
@@ -113,8 +143,18 @@ class PluginManager:
                           exc_info=exc)
             managed.slot.mark_failed(str(exc))
             log.error("plugin %s failed to load: %s", managed.slot.name, exc)
+            if isinstance(exc, FetchError) and not managed.retired:
+                self._schedule_retry(managed)
         if not managed.ready.done():
             managed.ready.set_result(None)
+
+    def _schedule_retry(self, managed: ManagedSlot) -> None:
+        """The registry or server may come back: try again later (the slot stands in)."""
+        delay = min(RETRY_BASE * 2 ** (managed.attempts - 1), RETRY_MAX)
+        loop = asyncio.get_running_loop()
+        managed.next_retry = loop.time() + delay
+        loop.call_later(delay, self._attempt, managed)
+        log.info("plugin %s: fetching again in %.0f s", managed.slot.name, delay)
 
     async def settle(self, managed: list[ManagedSlot], timeout: float) -> None:
         pending = [m.ready for m in managed if not m.ready.done()]
@@ -142,10 +182,11 @@ class PluginManager:
     def install(self, chosen: list[ManagedSlot]) -> list[Plugin]:
         """Make `chosen` the current set; return plugins no longer used (close them later)."""
         keep = {id(m.slot) for m in chosen}
-        retired = [m.slot.plugin for m in self.managed.values()
-                   if id(m.slot) not in keep and m.slot.plugin is not None]
+        dropped = [m for m in self.managed.values() if id(m.slot) not in keep]
+        for managed in dropped:
+            managed.retired = True  # stops its fetch retries
         self.managed = {m.slot.name: m for m in chosen}
-        return retired
+        return [m.slot.plugin for m in dropped if m.slot.plugin is not None]
 
     def set_log_level(self, name: str, level: LogLevel) -> list[str]:
         changed = []

@@ -46,7 +46,9 @@ async def _serve(app: GatewayApp) -> None:
 
 
 def _worker(configs: list[Path], options: dict[str, object], index: int) -> None:
-    setup_logging(str(options.pop("log_level")), bool(options.pop("access_log")))
+    level = str(options.pop("log_level"))
+    setup_logging(level, bool(options.pop("access_log")))
+    options["plugin_log_level"] = "warn" if level == "warning" else level
     _event_loop_policy()
     if index > 0:
         options["admin"] = ("127.0.0.1", 0)
@@ -56,11 +58,13 @@ def _worker(configs: list[Path], options: dict[str, object], index: int) -> None
 
 def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
                 admin: tuple[str, int] | None, upstream: str | None, workers: int,
-                log_level: str, access_log: bool) -> int:
+                log_level: str, access_log: bool, cache_dir: Path | None = None) -> int:
     setup_logging(log_level, access_log)
+    plugin_level = "warn" if log_level == "warning" else log_level
     if workers <= 1:
         _event_loop_policy()
-        app = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream)
+        app = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream,
+                         cache_dir=cache_dir, plugin_log_level=plugin_level)
         try:
             asyncio.run(_serve(app))
         except ConfigInvalid as exc:
@@ -71,7 +75,7 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
             return 1
         return 0
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
-               "access_log": access_log}
+               "access_log": access_log, "cache_dir": cache_dir}
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker, args=(configs, dict(options), i),
                                  name=f"wasmgate-worker-{i}") for i in range(workers)]

@@ -155,6 +155,7 @@ class UpstreamConnection(asyncio.Protocol):
         response (headers announcing a body that never comes) ends the connection's reuse."""
         self.sink = sink
         self._head_request = head_request
+        self._headers_seen = self._close_delimited = False  # nothing of this response yet
         if head_request:
             self._parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
