@@ -183,7 +183,8 @@ def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
 
     raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
                                  admin=_host_port(admin), upstream=upstream, workers=workers,
-                                 log_level=log_level, access_log=access_log))
+                                 log_level=log_level, access_log=access_log,
+                                 cache_dir=cache_dir))
 
 
 @main.command()

@@ -29,6 +29,7 @@ from ..fetch.sources import FetchError
 from ..runtime.abi import LogLevel
 from ..runtime.errors import RuntimeFailure
 from ..runtime.module import PluginModule
+from ..runtime.module_cache import CompiledModuleCache
 from ..runtime.plugin import Plugin, PluginConfig
 from ..runtime.vm import Limits
 from .host import GatewayHost
@@ -74,6 +75,8 @@ class PluginManager:
                  log_level: LogLevel = LogLevel.INFO) -> None:
         self.host = host
         self.fetcher = fetcher or ModuleFetcher()
+        # Compiled artifacts live beside the modules they came from (purged with them).
+        self.compiled = CompiledModuleCache(self.fetcher.cache.compiled_dir)
         self.log_level = log_level
         self.limits = limits or Limits()
         self.properties = properties or {}
@@ -117,7 +120,7 @@ class PluginManager:
         resource = managed.resource
         data = self.fetcher.fetch_plugin(resource).wasm
         managed.sha256 = hashlib.sha256(data).hexdigest()
-        module = PluginModule(data, source=resource.resolved_url())
+        module = PluginModule(data, source=resource.resolved_url(), cache=self.compiled)
         config = PluginConfig(name=resource.filter_name, root_id=resource.root_id,
                               configuration=resource.plugin_configuration_bytes(), env=env,
                               log_level=managed.log_level, limits=self.limits,
