@@ -210,3 +210,7 @@ def demo(listen: str, admin: str) -> None:
 from .fetch.image_cli import image as _image  # noqa: E402  (subcommand group)
 
 main.add_command(_image)
+
+from .fetch.cli import register as _register_fetch  # noqa: E402  (pull, cache)
+
+_register_fetch(main)

@@ -1,5 +1,6 @@
-"""ModuleFetcher: Istio's pull-policy rules over the cache, checksums, metrics (http and file;
-OCI with the registry client replaced by a fake, the real registry is tested elsewhere)."""
+"""ModuleFetcher: Istio's pull-policy rules over the cache, checksums, metrics: http and file
+against a local server; OCI with the registry client replaced by a fake (call counts) and once
+against the real docker-registry that tests/fetch/conftest.py starts."""
 
 from __future__ import annotations
 
