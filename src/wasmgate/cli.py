@@ -175,16 +175,18 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               envvar="WASMGATE_CACHE_DIR", help="Module cache (default ~/.cache/wasmgate).")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
+              envvar="WASMGATE_CA_FILE", help="CA bundle trusted for registries and http(s).")
 def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
         upstream: str | None, workers: int, log_level: str, access_log: bool,
-        cache_dir: Path | None) -> None:
+        cache_dir: Path | None, ca_file: str | None) -> None:
     """Run the gateway: plugins from the WasmPlugin resources, in front of the upstreams."""
     from .gateway.runner import run_gateway
 
     raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
                                  admin=_host_port(admin), upstream=upstream, workers=workers,
                                  log_level=log_level, access_log=access_log,
-                                 cache_dir=cache_dir))
+                                 cache_dir=cache_dir, ca_file=ca_file))
 
 
 @main.command()

@@ -4,6 +4,7 @@ when they fail."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,12 @@ from pathlib import Path
 from wasmgate.fetch.images import build_image, push
 
 from ..conftest import EXAMPLE
-from ..fetch.conftest import Registry, own_registry, registry  # noqa: F401  (fixtures)
+from ..fetch.conftest import (  # noqa: F401  (fixtures)
+    Registry,
+    auth_registry,
+    own_registry,
+    registry,
+)
 from .conftest import Gateway
 from .test_gateway import gateway_doc
 
@@ -138,3 +144,35 @@ def test_http_module_with_5xx_retries(start_gateway: Start, upstream: str,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_pull_secret_for_an_authenticated_registry(start_gateway: Start, upstream: str,
+                                                   auth_registry: Registry,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    import base64
+
+    from wasmgate.fetch.credentials import Credentials
+
+    from ..fetch.conftest import PASSWORD, USER
+
+    ref = f"{auth_registry.host}/plugins/private:v1"
+    push(build_image(EXAMPLE.read_bytes(), "oci"), ref,
+         Credentials(username=USER, password=PASSWORD), insecure=True)
+    secret_dir = tmp_path / "pull-secret"  # as kubernetes mounts a dockerconfigjson secret
+    secret_dir.mkdir()
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (secret_dir / ".dockerconfigjson").write_text(
+        json.dumps({"auths": {auth_registry.host: {"auth": auth}}}))
+    without = start_with_cache(start_gateway, gateway_doc(upstream) + plugin_doc(
+        f"oci://{ref}", fail="FAIL_OPEN"), tmp_path / "a")
+    wait_for(lambda: plugin_status(without)["status"] == "failed")
+    error = plugin_status(without)["error"]
+    assert "401" in error or "auth" in error.lower()
+    assert PASSWORD not in without.admin_get("/plugins")[1].decode()
+    assert without.get("/")[0] == 200
+    with_secret = start_with_cache(start_gateway, gateway_doc(upstream) + plugin_doc(
+        f"oci://{ref}", extra=f"  imagePullSecret: {secret_dir}\n"), tmp_path / "b")
+    wait_for(lambda: plugin_status(with_secret)["status"] == "ready")
+    assert with_secret.get("/")[1]["x-wasm-greeting"] == '{"greeting":"oci"}'
+    assert PASSWORD not in with_secret.admin_get("/config_dump")[1].decode()
+    assert PASSWORD not in with_secret.logs() and auth not in with_secret.logs()

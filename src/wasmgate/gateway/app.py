@@ -42,7 +42,8 @@ class GatewayApp:
                  admin: tuple[str, int] | None = None, upstream: str | None = None,
                  drain_seconds: float = 10.0, reload_interval: float = 1.0,
                  reuse_port: bool = False, cache_dir: Path | None = None,
-                 plugin_log_level: str = "info") -> None:
+                 plugin_log_level: str = "info", ca_file: str | None = None) -> None:
+        self.ca_file = ca_file
         self.config_paths = config_paths
         self.overrides = {"listen": listen, "admin": admin, "upstream": upstream}
         self.drain_seconds = drain_seconds
@@ -107,7 +108,7 @@ class GatewayApp:
         limits = _limits(gateway.spec)
         fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)
         self.plugins = PluginManager(host, limits=limits, fetcher=fetcher,
-                                     log_level=self.plugin_log_level)
+                                     log_level=self.plugin_log_level, ca_file=self.ca_file)
         self._purger = loop.create_task(self._purge_periodically())
         managed = self.plugins.prepare(self._select(gateway, resources))  # type: ignore[arg-type]
         self.plugins.install(managed)

@@ -72,7 +72,8 @@ class PluginManager:
     def __init__(self, host: GatewayHost, *, limits: Limits | None = None,
                  properties: dict[str, object] | None = None, workers: int = 2,
                  fetcher: ModuleFetcher | None = None,
-                 log_level: LogLevel = LogLevel.INFO) -> None:
+                 log_level: LogLevel = LogLevel.INFO, ca_file: str | None = None) -> None:
+        self.ca_file = ca_file
         self.host = host
         self.fetcher = fetcher or ModuleFetcher()
         # Compiled artifacts live beside the modules they came from (purged with them).
@@ -118,7 +119,7 @@ class PluginManager:
 
     def _load(self, managed: ManagedSlot, env: dict[str, str]) -> Plugin:
         resource = managed.resource
-        data = self.fetcher.fetch_plugin(resource).wasm
+        data = self.fetcher.fetch_plugin(resource, ca_file=self.ca_file).wasm
         managed.sha256 = hashlib.sha256(data).hexdigest()
         module = PluginModule(data, source=resource.resolved_url(), cache=self.compiled)
         config = PluginConfig(name=resource.filter_name, root_id=resource.root_id,

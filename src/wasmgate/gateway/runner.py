@@ -58,13 +58,14 @@ def _worker(configs: list[Path], options: dict[str, object], index: int) -> None
 
 def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
                 admin: tuple[str, int] | None, upstream: str | None, workers: int,
-                log_level: str, access_log: bool, cache_dir: Path | None = None) -> int:
+                log_level: str, access_log: bool, cache_dir: Path | None = None,
+                ca_file: str | None = None) -> int:
     setup_logging(log_level, access_log)
     plugin_level = "warn" if log_level == "warning" else log_level
     if workers <= 1:
         _event_loop_policy()
         app = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream,
-                         cache_dir=cache_dir, plugin_log_level=plugin_level)
+                         cache_dir=cache_dir, plugin_log_level=plugin_level, ca_file=ca_file)
         try:
             asyncio.run(_serve(app))
         except ConfigInvalid as exc:
@@ -75,7 +76,7 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
             return 1
         return 0
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
-               "access_log": access_log, "cache_dir": cache_dir}
+               "access_log": access_log, "cache_dir": cache_dir, "ca_file": ca_file}
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker, args=(configs, dict(options), i),
                                  name=f"wasmgate-worker-{i}") for i in range(workers)]
