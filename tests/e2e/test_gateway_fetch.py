@@ -176,3 +176,27 @@ def test_pull_secret_for_an_authenticated_registry(start_gateway: Start, upstrea
     assert with_secret.get("/")[1]["x-wasm-greeting"] == '{"greeting":"oci"}'
     assert PASSWORD not in with_secret.admin_get("/config_dump")[1].decode()
     assert PASSWORD not in with_secret.logs() and auth not in with_secret.logs()
+
+
+def test_latest_tag_is_pulled_again_when_the_plugin_changes(start_gateway: Start, upstream: str,
+                                                           registry: Registry,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    """Unspecified policy on `:latest` means Always: a changed WasmPlugin re-pulls the tag,
+    and the new module replaces the old only once it is fetched and configured."""
+    from ..conftest import CONFORMANCE
+
+    ref = f"{registry.host}/plugins/moving:latest"
+    push(build_image(EXAMPLE.read_bytes(), "oci"), ref, insecure=True)
+    gateway = start_with_cache(start_gateway, gateway_doc(upstream) + plugin_doc(f"oci://{ref}"),
+                               tmp_path)
+    first = plugin_status(gateway)["sha256"]
+    assert first == hashlib.sha256(EXAMPLE.read_bytes()).hexdigest()
+    push(build_image(CONFORMANCE.read_bytes(), "oci"), ref, insecure=True)  # the tag moves
+    config = gateway_doc(upstream) + plugin_doc(f"oci://{ref}").replace(
+        "pluginConfig: {greeting: oci}",
+        'pluginConfig: {steps: ["request_headers add_header_map_value 0 s:x-v s:2"]}')
+    gateway.config_path.write_text(config)  # type: ignore[attr-defined]
+    wait_for(lambda: plugin_status(gateway)["sha256"] != first)
+    assert plugin_status(gateway)["sha256"] == hashlib.sha256(CONFORMANCE.read_bytes()).hexdigest()
+    echo = json.loads(gateway.get("/")[2])
+    assert ["x-v", "2"] in echo["headers"]
