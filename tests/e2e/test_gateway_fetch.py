@@ -11,6 +11,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 from wasmgate.fetch.images import build_image, push
 
 from ..conftest import EXAMPLE
@@ -19,6 +21,7 @@ from ..fetch.conftest import (  # noqa: F401  (fixtures)
     auth_registry,
     own_registry,
     registry,
+    test_ca,
 )
 from .conftest import Gateway
 from .test_gateway import gateway_doc
@@ -200,3 +203,26 @@ def test_latest_tag_is_pulled_again_when_the_plugin_changes(start_gateway: Start
     assert plugin_status(gateway)["sha256"] == hashlib.sha256(CONFORMANCE.read_bytes()).hexdigest()
     echo = json.loads(gateway.get("/")[2])
     assert ["x-v", "2"] in echo["headers"]
+
+
+def test_tls_upstream_cluster(start_gateway: Start, test_ca: dict[str, Path],  # noqa: F811
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster endpoint written https:// is reached over TLS, verified against the CA."""
+    import ssl
+
+    from .conftest import EchoHandler
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(test_ca["cert"], test_ca["key"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WASMGATE_CA_FILE", str(test_ca["ca"]))
+    try:
+        gateway = start_gateway(gateway_doc(f"https://127.0.0.1:{server.server_address[1]}"))
+        status, _, body = gateway.get("/over-tls")
+        assert status == 200
+        assert json.loads(body)["path"] == "/over-tls"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -102,7 +102,8 @@ class GatewayHost(Host):
             endpoint, timeout_default = Endpoint(target[0], target[1]), 15.0
         else:
             first = target.targets()[0]
-            endpoint, timeout_default = Endpoint(first.host, first.port), target.timeout_ms / 1000
+            endpoint = Endpoint(first.host, first.port, first.tls)
+            timeout_default = target.timeout_ms / 1000
         timeout = request.timeout_ms / 1000 if request.timeout_ms else timeout_default
         self._on_loop(lambda: self.loop.create_task(
             self._http_call(plugin, request, endpoint, timeout)))

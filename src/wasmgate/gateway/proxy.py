@@ -61,7 +61,7 @@ def _target(route_name: str, cluster_name: str, clusters: list[Cluster]) -> Rout
     if found is None:
         return None
     if isinstance(found, Cluster):
-        endpoints = [Endpoint(e.host, e.port) for e in found.targets()]
+        endpoints = [Endpoint(e.host, e.port, e.tls) for e in found.targets()]
         return RouteTarget(route_name, found.name, endpoints, found.timeout_ms / 1000,
                            found.connect_timeout_ms / 1000)
     return RouteTarget(route_name, cluster_name, [Endpoint(found.host, found.port)])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +37,10 @@ class ResponseSink(Protocol):
 class Endpoint:
     host: str
     port: int
+    tls: bool = False
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -207,9 +210,13 @@ class EndpointPool:
 
     async def connect(self, connect_timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
+        tls = _client_tls() if endpoint.tls else None
         _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(self), self.endpoint.host,
-                                   self.endpoint.port), connect_timeout)
+            loop.create_connection(lambda: UpstreamConnection(self), endpoint.host,
+                                   endpoint.port, ssl=tls,
+                                   server_hostname=endpoint.host if tls else None),
+            connect_timeout)
         return protocol
 
     def release(self, connection: UpstreamConnection) -> None:
@@ -226,6 +233,17 @@ class EndpointPool:
     def close(self) -> None:
         while self.idle:
             self.idle.pop().close()
+
+
+_TLS: ssl.SSLContext | None = None
+
+
+def _client_tls() -> ssl.SSLContext:
+    """One verifying client context (system CAs, plus $WASMGATE_CA_FILE when set)."""
+    global _TLS
+    if _TLS is None:
+        _TLS = ssl.create_default_context(cafile=os.environ.get("WASMGATE_CA_FILE") or None)
+    return _TLS
 
 
 class UpstreamPools:
