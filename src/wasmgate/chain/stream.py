@@ -66,6 +66,8 @@ class ChainStream:
         self.on_wakeup: Callable[[ChainStream], None] | None = None
         self._actions: list[ChainAction] = []
         self._response_started = False
+        self._driving = False  # inside a call this stream made: wake-ups are picked up there
+        self._replied: set[int] = set()  # filters whose local reply was acted on
         for index, f in enumerate(self.filters):
             if f.context is not None:
                 f.context.on_release = lambda _ctx, i=index: self._wakeup(i)
@@ -132,14 +134,23 @@ class ChainStream:
 
     # -- propagation -------------------------------------------------------------------------
     def _wakeup(self, index: int) -> None:
-        if self.on_wakeup is not None:
+        if self.on_wakeup is not None and not self._driving:
             self.on_wakeup(self)
 
     def _pump(self) -> None:
-        """Propagate data that plugins released asynchronously (continue_stream)."""
+        """Act on what plugins did asynchronously: data released by continue_stream, and
+        local replies sent from call-out callbacks (an http_call or Redis response)."""
         for index, f in enumerate(self.filters):
-            if f.context is not None and f.context.outbox:
-                self._propagate(index, f.context.take_released())
+            ctx = f.context
+            if ctx is None:
+                continue
+            if ctx.local_response is not None and index not in self._replied:
+                self._replied.add(index)
+                if self.state == StreamState.OPEN:
+                    self._local_reply(index, ctx)
+                continue
+            if ctx.outbox:
+                self._propagate(index, ctx.take_released())
 
     def _propagate(self, index: int, released: list[Released]) -> None:
         for item in released:
@@ -172,15 +183,18 @@ class ChainStream:
             return
         before = ctx.local_response
         started = perf_counter()
+        self._driving = True
         try:
             action = _dispatch(ctx, item)
         except (PluginTrap, PluginFailed) as exc:
             self._crash(index, f, item, exc)
             return
         finally:
+            self._driving = False
             f.slot.callbacks += 1
             f.slot.callback_seconds += perf_counter() - started
         if ctx.local_response is not None and before is None:
+            self._replied.add(index)
             self._local_reply(index, ctx)
             return
         if ctx.state.closed:

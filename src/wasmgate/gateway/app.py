@@ -105,6 +105,7 @@ class GatewayApp:
         self.gateway = gateway
         router = Router(gateway.spec)
         host = GatewayHost(loop, self.pools, router.resolve)
+        host.resolve_redis = gateway.resolve_redis
         limits = _limits(gateway.spec)
         fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)
         self.plugins = PluginManager(host, limits=limits, fetcher=fetcher,
@@ -153,6 +154,7 @@ class GatewayApp:
             return False
         router = Router(gateway.spec)
         self.plugins.host.resolve = router.resolve
+        self.plugins.host.resolve_redis = gateway.resolve_redis
         candidates = self.plugins.prepare(self._select(gateway, resources))  # type: ignore
         await self.plugins.settle(candidates, timeout=120)
         chosen = self.plugins.commit(candidates)
@@ -222,6 +224,8 @@ class GatewayApp:
             connection.close()
         await self.admin.close()
         self.pools.close()
+        if self.plugins is not None:
+            self.plugins.host.redis_pools.close()
         if self.plugins is not None:
             _close_plugins([m.slot.plugin for m in self.plugins.managed.values()
                             if m.slot.plugin is not None], self.plugins.host)

@@ -14,20 +14,32 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..api.gateway import parse_cluster_name
 from ..runtime.abi import LogLevel
 from ..runtime.errors import RuntimeFailure
-from ..runtime.host import Host, HttpCallRequest, UnknownUpstream, python_level
+from ..runtime.host import (
+    Host,
+    HttpCallRequest,
+    RedisCallRequest,
+    RedisInitRequest,
+    UnknownUpstream,
+    python_level,
+)
 from ..runtime.plugin import Plugin
 from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
+from .redis import RedisError, RedisPools, RedisTarget, database_of
 from .upstream import BufferedResponse, Endpoint, UpstreamPools
 
 if TYPE_CHECKING:
-    from ..api.gateway import Cluster
+    from ..api.gateway import Cluster, Redis
 
 log = logging.getLogger("wasmgate.gateway.host")
 wasm_log = logging.getLogger("wasmgate.wasm")
 
 Resolver = Callable[[str], "Cluster | tuple[str, int] | None"]
+RedisResolver = Callable[[str], "Redis | tuple[str, int] | None"]
+REDIS_NETWORK_ERROR = 1
+"""proxy_on_redis_call_response status for a failed call (Higress RedisStatus::NetworkError)."""
 
 
 class GatewayHost(Host):
@@ -42,6 +54,10 @@ class GatewayHost(Host):
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._loop_thread = threading.get_ident()
         self.on_crash: Callable[[Plugin, Exception], None] = lambda plugin, exc: None
+        self.resolve_redis: RedisResolver = parse_cluster_name
+        """Redis cluster names; the app passes ``Gateway.resolve_redis`` (credentials)."""
+        self.redis_pools = RedisPools()
+        self._redis_tasks: set[asyncio.Task[None]] = set()
 
     def _on_loop(self, fn: Callable[[], None]) -> None:
         if threading.get_ident() == self._loop_thread:
@@ -148,3 +164,47 @@ class GatewayHost(Host):
             action()
         except RuntimeFailure as exc:
             self.on_crash(plugin, exc)
+
+    # -- redis (Higress) -----------------------------------------------------------------------
+    def redis_init(self, plugin: Plugin, request: RedisInitRequest) -> None:
+        # keyed by the Envoy cluster (no ?options): the plugin calls with either spelling
+        plugin.redis_clusters[request.cluster.split("?", 1)[0]] = self._redis_target(
+            request.cluster, request.username, request.password, request.timeout_ms)
+
+    def _redis_target(self, cluster: str, username: str, password: str,
+                      timeout_ms: int) -> tuple[RedisTarget, float]:
+        found = self.resolve_redis(cluster)
+        if found is None:
+            raise UnknownUpstream(cluster)
+        if isinstance(found, tuple):
+            host, port = found
+        else:
+            host, port = found.address.host, found.address.port
+            username = username or found.username or ""
+            password = password or found.password or ""
+        target = RedisTarget(host, port, username, password, database_of(cluster))
+        return target, (timeout_ms if timeout_ms > 0 else 1000) / 1000
+
+    def redis_call(self, plugin: Plugin, request: RedisCallRequest) -> None:
+        known = plugin.redis_clusters.get(request.cluster.split("?", 1)[0])
+        if not isinstance(known, tuple):  # called without redis_init: defaults
+            known = self._redis_target(request.cluster, "", "", 0)
+        target, timeout = known
+        self._on_loop(lambda: self._start_redis_call(plugin, request, target, timeout))
+
+    def _start_redis_call(self, plugin: Plugin, request: RedisCallRequest, target: RedisTarget,
+                          timeout: float) -> None:
+        task = self.loop.create_task(self._redis_call(plugin, request, target, timeout))
+        self._redis_tasks.add(task)
+        task.add_done_callback(self._redis_tasks.discard)
+
+    async def _redis_call(self, plugin: Plugin, request: RedisCallRequest, target: RedisTarget,
+                          timeout: float) -> None:
+        try:
+            reply = await self.redis_pools.call(target, request.query, timeout)
+        except RedisError as exc:
+            log.debug("redis_call to %s:%d failed: %s", target.host, target.port, exc)
+            self._deliver(plugin, lambda: plugin.deliver_redis_response(
+                request.token, REDIS_NETWORK_ERROR))
+            return
+        self._deliver(plugin, lambda: plugin.deliver_redis_response(request.token, 0, reply))

@@ -270,6 +270,11 @@ class HttpContext:
         if self.on_release is not None and self.outbox:
             self.on_release(self)
 
+    def notify_local_reply(self) -> None:
+        """The plugin sent a local reply (applied after its callback returned)."""
+        if self.on_release is not None:
+            self.on_release(self)
+
     def take_released(self) -> list[Released]:
         """Drain what the plugin let through since the last call."""
         released, self.outbox = self.outbox, []

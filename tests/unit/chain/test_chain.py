@@ -187,3 +187,25 @@ def test_close_stream_resets() -> None:
     stream = FilterChain([closer]).stream()
     stream.request_headers(REQUEST, True)
     assert stream.take_actions() == [Reset("wasm_close_stream")]
+
+
+def test_local_reply_from_a_call_out_callback_wakes_the_stream() -> None:
+    host = RecordingHost()
+    steps = ("request_headers http_call s:auth m::path=/a&:method=GET&:authority=auth s: null 0\n"
+             "request_headers return 1\n"
+             "http_call_response set_effective_context 2\n"
+             "http_call_response send_local_response 429 s:limited s:slow%20down null -1\n")
+    limiter = conformance("limiter", steps, host)
+    stream = FilterChain([limiter]).stream()
+    woken = []
+    stream.on_wakeup = woken.append
+    stream.request_headers(REQUEST, end_of_stream=True)
+    assert stream.take_actions() == []
+    [(plugin, call)] = host.calls
+    plugin.deliver_http_call_response(call.token, [(b":status", b"200")], b"")
+    assert woken == [stream]
+    actions = stream.take_actions()
+    send = next(a for a in actions if isinstance(a, SendHeaders))
+    assert header(send.headers, b":status") == b"429"
+    assert send.details == "limited"
+    assert not any(isinstance(a, ForwardHeaders) for a in actions)

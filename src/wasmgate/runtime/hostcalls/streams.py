@@ -99,4 +99,7 @@ def proxy_send_local_response(vm: WasmVM, status: int, details_ptr: int, details
         status=status, body=body, headers=[(k.lower(), v) for k, v in headers],
         details="_".join(details.split()) if details else "",
         grpc_status=grpc if 0 <= grpc <= 16 else None)
+    handle = ctx.handle
+    if handle is not None:  # a reply sent from a call-out callback must wake its stream
+        vm.defer(handle.notify_local_reply)  # type: ignore[attr-defined]
     return OK
