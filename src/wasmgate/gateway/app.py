@@ -20,6 +20,7 @@ from ..fetch.cache import ModuleCache
 from ..fetch.fetcher import ModuleFetcher
 from ..runtime.abi import LogLevel
 from ..runtime.plugin import Plugin
+from ..runtime.shared import SharedDataStore
 from ..runtime.vm import Limits
 from .admin import AdminServer
 from .host import GatewayHost
@@ -42,8 +43,10 @@ class GatewayApp:
                  admin: tuple[str, int] | None = None, upstream: str | None = None,
                  drain_seconds: float = 10.0, reload_interval: float = 1.0,
                  reuse_port: bool = False, cache_dir: Path | None = None,
-                 plugin_log_level: str = "info", ca_file: str | None = None) -> None:
+                 plugin_log_level: str = "info", ca_file: str | None = None,
+                 shared_data: SharedDataStore | None = None) -> None:
         self.ca_file = ca_file
+        self.shared_data = shared_data  # one store across --workers (shared_store.py)
         self.config_paths = config_paths
         self.overrides = {"listen": listen, "admin": admin, "upstream": upstream}
         self.drain_seconds = drain_seconds
@@ -104,7 +107,7 @@ class GatewayApp:
         gateway, resources = self._load()
         self.gateway = gateway
         router = Router(gateway.spec)
-        host = GatewayHost(loop, self.pools, router.resolve)
+        host = GatewayHost(loop, self.pools, router.resolve, shared_data=self.shared_data)
         host.resolve_redis = gateway.resolve_redis
         limits = _limits(gateway.spec)
         fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)

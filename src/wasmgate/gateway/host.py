@@ -26,6 +26,7 @@ from ..runtime.host import (
     python_level,
 )
 from ..runtime.plugin import Plugin
+from ..runtime.shared import SharedDataStore
 from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
 from .redis import RedisError, RedisPools, RedisTarget, database_of
 from .upstream import BufferedResponse, Endpoint, UpstreamPools
@@ -46,8 +47,8 @@ class GatewayHost(Host):
     """One per gateway process; every plugin of the process shares it (and its stores)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pools: UpstreamPools,
-                 resolve: Resolver) -> None:
-        super().__init__()
+                 resolve: Resolver, shared_data: SharedDataStore | None = None) -> None:
+        super().__init__(shared_data=shared_data)
         self.loop = loop
         self.pools = pools
         self.resolve = resolve

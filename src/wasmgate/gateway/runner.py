@@ -1,10 +1,11 @@
 """Running the gateway from the command line: logging, the event loop, worker processes.
 
 With `--workers N` the parent starts N processes that each run a full gateway on the same
-port (SO_REUSEPORT; the kernel spreads connections). Each worker has its own plugins, VMs,
-shared data and queues, as each Envoy worker thread has its own VMs; shared data and queues
-are NOT shared across workers yet. The admin endpoint is served by worker 0 only, and its
-stats cover that worker.
+port (SO_REUSEPORT; the kernel spreads connections). Each worker has its own plugins and VMs,
+as each Envoy worker thread has its own VMs; shared data (with CAS) is ONE store across the
+workers (a memory-mapped file, see shared_store.py), as across Envoy's worker threads. Shared
+queues stay per worker. The admin endpoint is served by worker 0 only, and its stats cover
+that worker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .app import ConfigInvalid, GatewayApp
+from .shared_store import ProcessSharedData
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -45,14 +47,16 @@ async def _serve(app: GatewayApp) -> None:
     await app.serve_forever()
 
 
-def _worker(configs: list[Path], options: dict[str, object], index: int) -> None:
+def _worker(configs: list[Path], options: dict[str, object], index: int,
+            shared_data: ProcessSharedData) -> None:
     level = str(options.pop("log_level"))
     setup_logging(level, bool(options.pop("access_log")))
     options["plugin_log_level"] = "warn" if level == "warning" else level
     _event_loop_policy()
     if index > 0:
         options["admin"] = ("127.0.0.1", 0)
-    app = GatewayApp(configs, reuse_port=True, **options)  # type: ignore[arg-type]
+    app = GatewayApp(configs, reuse_port=True, shared_data=shared_data,
+                     **options)  # type: ignore[arg-type]
     asyncio.run(_serve(app))
 
 
@@ -78,7 +82,8 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
                "access_log": access_log, "cache_dir": cache_dir, "ca_file": ca_file}
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(configs, dict(options), i),
+    shared_data = ProcessSharedData.create()
+    processes = [context.Process(target=_worker, args=(configs, dict(options), i, shared_data),
                                  name=f"wasmgate-worker-{i}") for i in range(workers)]
     for process in processes:
         process.start()
@@ -90,6 +95,10 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for process in processes:
-        process.join()
+    try:
+        for process in processes:
+            process.join()
+    finally:
+        shared_data.close()
+        shared_data.unlink()
     return max((p.exitcode or 0) for p in processes)
