@@ -7,6 +7,7 @@ the other worker served some of them.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -83,6 +84,8 @@ def test_higress_rate_limit_local_mode_is_one_limit(start_gateway: Start,
                                           "query_limits": {"per_minute": LIMIT}}]}
         plugin = wasm_plugin("gpustack-rate-limit", config)
     except Exception as exc:  # the wheel comes from PyPI on first use
+        if os.environ.get("CI"):  # CI must run it (as tests/real does)
+            raise
         pytest.skip(f"Higress plugins unavailable: {exc}")
     gateway = start_gateway(gateway_doc(upstream) + plugin, "--workers", "2")
     statuses = [get(gateway, f"/v1/models?i={i}", {"x-mse-consumer": "alice"})
