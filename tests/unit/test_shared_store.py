@@ -7,6 +7,7 @@ import pickle
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,10 +144,13 @@ def test_not_a_store_file(tmp_path: Path) -> None:
         ProcessSharedData.attach(path)
 
 
-def _increment(store: ProcessSharedData, rounds: int, results: multiprocessing.Queue) -> None:
+def _increment(store: ProcessSharedData, rounds: int, results: multiprocessing.Queue,
+               go: Any) -> None:
     """CAS-increment one counter `rounds` times, as a rate limiter does; report the successes."""
     done = 0
     mismatches = 0
+    results.put("ready")
+    go.wait(60)  # start together, so that the writers really overlap
     for _ in range(rounds):
         while True:
             found = store.get("vm", b"counter")
@@ -165,10 +169,14 @@ def test_no_lost_updates_across_processes(store: ProcessSharedData) -> None:
     results: multiprocessing.Queue = context.Queue()
     workers, rounds = 4, 1500
     store.set("vm", b"counter", b"0", 0)
-    processes = [context.Process(target=_increment, args=(store, rounds, results))
+    go = context.Event()
+    processes = [context.Process(target=_increment, args=(store, rounds, results, go))
                  for _ in range(workers)]
     for process in processes:
         process.start()
+    for _ in processes:  # every process at the start line
+        assert results.get(timeout=120) == "ready"
+    go.set()
     reports = [results.get(timeout=120) for _ in processes]
     for process in processes:
         process.join(30)
