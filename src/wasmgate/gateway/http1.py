@@ -84,7 +84,7 @@ def simple_response(status: int, body: bytes, *, content_type: bytes = b"text/pl
 
 
 def response_headers_out(headers: Pairs, eos: bool, head_request: bool,
-                         ) -> tuple[int, Pairs, Framing]:
+                         status: int | None = None) -> tuple[int, Pairs, Framing]:
     """One pass over a response's headers: status, what goes on the wire, and its framing.
 
     A response that ends here without a content-length gets `content-length: 0` (unless it
@@ -107,7 +107,8 @@ def response_headers_out(headers: Pairs, eos: bool, head_request: bool,
             out.append((key, value))
     if tokens:
         out = [(k, v) for k, v in out if k not in tokens]
-    status = int(status_raw) if status_raw.isdigit() else 502
+    if status is None:  # from the :status pseudo-header (what plugins see and may change)
+        status = int(status_raw) if status_raw.isdigit() else 502
     no_body = status in (204, 304) or 100 <= status < 200
     if length is not None and length.isdigit():
         return status, out, Framing(False, int(length))

@@ -290,8 +290,8 @@ class Exchange:
     def start(self) -> None:
         eos = not self._has_body()
         self.state.stats.requests += 1
-        if self.stream is None:
-            self._dispatch([ForwardHeaders(self.headers, eos)])
+        if self.stream is None:  # no plugins: straight to the upstream, no action objects
+            self._forward_headers(self.headers, eos)
             return
         self.stream.request_headers(self.headers, eos, normalized=True)
         self._drain()
@@ -443,10 +443,10 @@ class Exchange:
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
-        pairs: Pairs = [(b":status", str(status).encode()), *headers]
         if self.stream is None:
-            self._dispatch([SendHeaders(pairs, end_of_stream)])
+            self._send_headers(headers, end_of_stream, "", status)
         else:
+            pairs: Pairs = [(b":status", str(status).encode()), *headers]
             self.stream.response_headers(pairs, end_of_stream, normalized=True)
             self._drain()
         self._response_eos_sent = end_of_stream
@@ -457,7 +457,7 @@ class Exchange:
         if end_of_stream:
             self._response_eos_sent = True
         if self.stream is None:
-            self._dispatch([SendBody(data, end_of_stream)])
+            self._send_body(data, end_of_stream)
         else:
             self.stream.response_body(data, end_of_stream)
             self._drain()
@@ -512,14 +512,15 @@ class Exchange:
         self._drain()
 
     # -- downstream response -----------------------------------------------------------------
-    def _send_headers(self, headers: Pairs, eos: bool, details: str) -> None:
+    def _send_headers(self, headers: Pairs, eos: bool, details: str,
+                      status: int | None = None) -> None:
         if self._response_started:
             return
         self._response_started = True
         self.details = details or self.details
         head_request = self.method == b"HEAD"
         self.status, out, self._response_framing = response_headers_out(headers, eos,
-                                                                         head_request)
+                                                                         head_request, status)
         if head_request:
             eos = True
         if self.version == "1.0" and self._response_framing.chunked:
