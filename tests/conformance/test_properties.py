@@ -107,3 +107,11 @@ def test_property_bad_pointers(make) -> None:  # type: ignore[no-untyped-def]
 
 def test_missing_property_is_not_found(make) -> None:  # type: ignore[no-untyped-def]
     assert _get(make, ["nothing%00here", "xds%00cluster_name"]) == [(NOT_FOUND, b"")] * 2
+
+
+def test_response_code_details_for_an_upstream_response(make) -> None:  # type: ignore[no-untyped-def]
+    run = make("response_headers get_property s:response%00code_details\n")
+    stream = run.http_context()
+    stream.request_headers({":path": "/", ":method": "GET"}, True)
+    stream.response_headers({":status": "200"}, True)
+    assert run.one("response_headers", "get_property").out == b"via_upstream"

@@ -120,6 +120,8 @@ def _response_attribute(ctx: HttpContextState, name: str) -> object:
         return ctx.local_response.details
     if pairs is None:
         return _MISSING
+    if name == "code_details":  # Envoy's details for a response that came from the upstream
+        return "via_upstream"
     if name == "code":
         status = _header(pairs, b":status")
         return int(status) if status and status.isdigit() else _MISSING
