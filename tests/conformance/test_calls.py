@@ -119,14 +119,31 @@ def test_grpc_unknown_service_is_parse_failure(make) -> None:  # type: ignore[no
     assert [r.status for r in run.recs("tick")] == [PARSE_FAILURE, PARSE_FAILURE]
 
 
-def test_grpc_response_delivery(make) -> None:  # type: ignore[no-untyped-def]
+def test_grpc_unary_success_delivers_only_the_message(make) -> None:  # type: ignore[no-untyped-def]
+    """As Envoy: a successful unary call ends with proxy_on_grpc_receive; a failed one gets
+    only proxy_on_grpc_close with its status."""
     run = make("tick grpc_call s:svc s:S s:M m: s:x 500\n"
+               "grpc_receive get_buffer_bytes 5 0 100\n"
+               "grpc_close get_status\n")
+    run.tick()
+    token = run.one("tick", "grpc_call").num()
+    run.respond_grpc_call(token, b"reply")
+    assert [e[0] for e in run.enters()[-1:]] == ["grpc_receive"]
+    assert run.one("grpc_receive", "get_buffer_bytes").out == b"reply"
+    run.tick()
+    failed = run.one("tick", "grpc_call").num()
+    run.respond_grpc_call(failed, status=14)
+    assert run.enters()[-1] == ("grpc_close", (1, failed, 14))
+
+
+def test_grpc_response_delivery(make) -> None:  # type: ignore[no-untyped-def]
+    run = make("tick grpc_stream s:svc s:S s:M m:\n"
                "grpc_receive_initial_metadata get_header_map_value 4 s:im\n"
                "grpc_receive get_buffer_bytes 5 0 100\n"
                "grpc_receive_trailing_metadata get_header_map_value 5 s:tm\n"
                "grpc_close get_status\n")
     run.tick()
-    token = run.one("tick", "grpc_call").num()
+    token = run.one("tick", "grpc_stream").num()
     run.respond_grpc_call(token, b"reply", status=5, initial_metadata=[("im", "1")],
                           trailing_metadata=[("tm", "2")])
     assert run.enters()[-4:] == [("grpc_receive_initial_metadata", (1, token, 1)),

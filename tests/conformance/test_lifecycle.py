@@ -102,7 +102,7 @@ ROOT_TRAPS = ["tick", "queue_ready", "foreign_function", "http_call_response",
 @pytest.mark.parametrize("cb", ROOT_TRAPS)
 def test_trap_in_root_callback(make, cb: str) -> None:  # type: ignore[no-untyped-def]
     run = make(f"configure register_shared_queue s:q\nconfigure {HTTP_CALL}\n"
-               "configure redis_call s:r s:x\nconfigure grpc_call s:g s:S s:M m: s:x 100\n"
+               "configure redis_call s:r s:x\nconfigure grpc_stream s:g s:S s:M m:\n"
                f"{cb} trap\n")
     with pytest.raises(PluginTrap):
         _drive_root(run, cb)

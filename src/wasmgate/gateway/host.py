@@ -18,6 +18,7 @@ from ..api.gateway import parse_cluster_name
 from ..runtime.abi import LogLevel
 from ..runtime.errors import RuntimeFailure
 from ..runtime.host import (
+    GrpcCallRequest,
     Host,
     HttpCallRequest,
     RedisCallRequest,
@@ -33,6 +34,7 @@ from .upstream import BufferedResponse, Endpoint, UpstreamPools
 
 if TYPE_CHECKING:
     from ..api.gateway import Cluster, Redis
+    from .grpc import GrpcCalls
 
 log = logging.getLogger("wasmgate.gateway.host")
 wasm_log = logging.getLogger("wasmgate.wasm")
@@ -59,6 +61,7 @@ class GatewayHost(Host):
         """Redis cluster names; the app passes ``Gateway.resolve_redis`` (credentials)."""
         self.redis_pools = RedisPools()
         self._redis_tasks: set[asyncio.Task[None]] = set()
+        self._grpc: GrpcCalls | None = None  # created on the first gRPC call (imports grpcio)
 
     def _on_loop(self, fn: Callable[[], None]) -> None:
         if threading.get_ident() == self._loop_thread:
@@ -209,3 +212,35 @@ class GatewayHost(Host):
                 request.token, REDIS_NETWORK_ERROR))
             return
         self._deliver(plugin, lambda: plugin.deliver_redis_response(request.token, 0, reply))
+
+    # -- gRPC (grpc.aio; see gateway/grpc.py) --------------------------------------------------
+    def _grpc_calls(self) -> GrpcCalls:
+        if self._grpc is None:
+            from .grpc import GrpcCalls
+            self._grpc = GrpcCalls(self.loop, self._deliver)
+        return self._grpc
+
+    def grpc_call(self, plugin: Plugin, request: GrpcCallRequest) -> None:
+        from .grpc import cluster_of
+        name = cluster_of(request.service)
+        target = self.resolve(name) if name is not None else None
+        if target is None:
+            raise UnknownUpstream(name or request.service.decode("utf-8", "replace"))
+        if isinstance(target, tuple):
+            (host, port), tls, timeout_default = target, False, 15.0
+        else:
+            first = target.targets()[0]
+            host, port, tls = first.host, first.port, first.tls
+            timeout_default = target.timeout_ms / 1000
+        timeout: float | None = request.timeout_ms / 1000 if request.timeout_ms > 0 else (
+            None if request.streaming else timeout_default)
+        self._on_loop(lambda: self._grpc_calls().start(plugin, request, host, port, tls, timeout))
+
+    def grpc_send(self, plugin: Plugin, token: int, message: bytes, end_stream: bool) -> None:
+        self._on_loop(lambda: self._grpc_calls().send(plugin, token, message, end_stream))
+
+    def grpc_cancel(self, plugin: Plugin, token: int) -> None:
+        self._on_loop(lambda: self._grpc_calls().cancel(plugin, token))
+
+    def grpc_close(self, plugin: Plugin, token: int) -> None:
+        self._on_loop(lambda: self._grpc_calls().close(plugin, token))

@@ -164,12 +164,25 @@ class Emulator(Host):
     def respond_grpc_call(self, token: int, message: bytes = b"", status: int = 0,
                           initial_metadata: object = None, trailing_metadata: object = None,
                           ) -> None:
+        """Answer a gRPC call or stream as Envoy delivers it.
+
+        Unary call: success delivers only the response message (`proxy_on_grpc_receive`),
+        failure (status != 0) only `proxy_on_grpc_close`. Stream: initial metadata, the message
+        (if any), and, when `status` is non-zero or trailing metadata is given, trailing
+        metadata then close; otherwise the stream stays open for more."""
         request = self.grpc_calls.pop(token)
         plugin = self.plugin
+        if not request.streaming:
+            if status == 0:
+                plugin.vm.grpc_tokens.discard(token) if plugin.vm else None
+                self._guard(lambda: plugin.deliver_grpc_message(token, message))
+            else:
+                self._guard(lambda: plugin.deliver_grpc_close(token, status))
+            return
         self._guard(lambda: plugin.deliver_grpc_initial_metadata(token, initial_metadata or []))
         if message:
             self._guard(lambda: plugin.deliver_grpc_message(token, message))
-        if request.streaming and status == 0 and not trailing_metadata:
+        if status == 0 and not trailing_metadata:
             self.grpc_calls[token] = request  # a stream stays open until closed
             return
         self._guard(lambda: plugin.deliver_grpc_trailing_metadata(token, trailing_metadata or []))
