@@ -229,6 +229,8 @@ class GatewayApp:
         self.pools.close()
         if self.plugins is not None:
             self.plugins.host.redis_pools.close()
+            if self.plugins.host._grpc is not None:  # channels opened by plugins' gRPC calls
+                await self.plugins.host._grpc.aclose()
         if self.plugins is not None:
             _close_plugins([m.slot.plugin for m in self.plugins.managed.values()
                             if m.slot.plugin is not None], self.plugins.host)
