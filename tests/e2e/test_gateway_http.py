@@ -195,3 +195,26 @@ def test_close_delimited_upstream_response(start_gateway: Start) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_without_plugins_bodies_and_framing(start_gateway: Start, upstream: str) -> None:
+    """The no-plugin fast path: length-framed and chunked bodies, hop-by-hop headers dropped."""
+    gateway = start_gateway(gateway_doc(upstream))
+    status, _, data = gateway.request("POST", "/plain", body=b"x" * 70000,
+                                      headers={"connection": "keep-alive", "te": "trailers"})
+    echo = json.loads(data)
+    assert status == 200 and len(echo["body"]) == 70000
+    names = [k for k, _ in echo["headers"]]
+    assert "te" not in names and "connection" not in names
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.putrequest("POST", "/chunked-plain")
+    conn.putheader("transfer-encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"5\r\nhello\r\n0\r\n\r\n")
+    response = conn.getresponse()
+    assert json.loads(response.read())["body"] == "hello"
+    conn.close()
+    status, _, data = gateway.get("/get-plain", headers={"connection": "x-drop, keep-alive",
+                                                         "x-drop": "secret"})
+    assert status == 200
+    assert "x-drop" not in [k for k, _ in json.loads(data)["headers"]]

@@ -32,6 +32,7 @@ from ..chain import (
 )
 from ..runtime.serde import Pairs
 from .http1 import (
+    HOP_BY_HOP,
     Framing,
     choose_framing,
     header_value,
@@ -247,6 +248,8 @@ class Exchange:
             self.stream.on_wakeup = lambda _s: self._drain()
 
     # -- request side ------------------------------------------------------------------------
+    _plain = True
+
     def _request_pairs(self, target: bytes, headers: Pairs) -> tuple[Pairs, bytes | None, bool]:
         """What plugins see: pseudo-headers, the headers, x-forwarded-for with the client
         appended, an x-request-id when there is none. One pass; also returns the framing."""
@@ -268,6 +271,8 @@ class Exchange:
                 chunked = True
             elif key == b"x-request-id":
                 has_id = True
+            elif key == b"connection" and value.lower() not in (b"keep-alive", b"close"):
+                self._plain = False  # it names more hop-by-hop headers: the general path
             pairs.append((key, value))
         pairs[2] = (b":authority", host)
         client = self.connection.peer[0].encode()
@@ -361,14 +366,17 @@ class Exchange:
             self._router_reply(404, b"no route\n", "route_not_found")
             return
         self.route = route
-        method = header_value(headers, b":method") or self.method
-        path = header_value(headers, b":path") or b"/"
-        authority = header_value(headers, b":authority")
-        out = strip_hop_by_hop(headers)
-        if authority:
-            out.insert(0, (b"host", authority))
-        out, self._request_framing = choose_framing(out, eos)
-        head = request_head(method, path, out)
+        if self.stream is None and self._plain:
+            method, head = self.method, self._plain_head(headers, eos)
+        else:
+            method = header_value(headers, b":method") or self.method
+            path = header_value(headers, b":path") or b"/"
+            authority = header_value(headers, b":authority")
+            out = strip_hop_by_hop(headers)
+            if authority:
+                out.insert(0, (b"host", authority))
+            out, self._request_framing = choose_framing(out, eos)
+            head = request_head(method, path, out)
         self._request_head = head if eos and method in (b"GET", b"HEAD", b"OPTIONS") else None
         self._upstream_queue = [head]
         endpoint = route.pick()
@@ -381,6 +389,18 @@ class Exchange:
                 self._connect(route, endpoint, method == b"HEAD"))
         if eos:
             self._arm_timeout()
+
+    def _plain_head(self, headers: Pairs, eos: bool) -> bytes:
+        """No plugins touched the headers: what `_request_pairs` saw decides the framing, and
+        no header named by `Connection` needs removing (`_plain`)."""
+        out: Pairs = [(b"host", headers[2][1])]
+        out += [(k, v) for k, v in headers[4:] if k not in HOP_BY_HOP]
+        if self._remaining is not None or eos:
+            self._request_framing = None
+        else:
+            out.append((b"transfer-encoding", b"chunked"))
+            self._request_framing = Framing(True, None)
+        return request_head(self.method, headers[1][1], out)
 
     async def _connect(self, route: RouteTarget, endpoint: Endpoint, head_request: bool,
                        fresh: bool = False) -> None:
