@@ -20,3 +20,14 @@ def compiled_cache(tmp_path: Path):  # type: ignore[no-untyped-def]
     from wasmgate.runtime.module_cache import CompiledModuleCache
 
     return CompiledModuleCache(tmp_path / "compiled")
+
+
+def missing(what: str) -> None:
+    """A tool or download a test needs is absent: skip on a developer's machine, fail under CI
+    (CI runs scripts/test, which installs every tool, so absence there is a real failure)."""
+    import os
+
+    message = f"{what} (scripts/install-test-deps installs the tools)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -17,6 +16,7 @@ from wasmgate.api.gateway import Gateway as GatewayResource
 from wasmgate.gateway.host import GatewayHost
 from wasmgate.gateway.redis import RedisTarget, command, reply_end
 
+from ..conftest import missing
 from .conftest import Gateway, free_port
 from .test_gateway import conformance, gateway_doc
 
@@ -24,13 +24,6 @@ Start = Callable[..., Gateway]
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None,
                                  reason="redis-server not installed (scripts/install-test-deps)")
-
-def _missing_redis() -> None:
-    """Skip locally; under CI (which runs scripts/install-test-deps) a missing server fails."""
-    message = "redis-server not installed (scripts/install-test-deps installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 
@@ -94,7 +87,7 @@ class RedisServer:
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if REDIS_SERVER is None:
-        _missing_redis()
+        missing("redis-server is not installed")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()

@@ -8,7 +8,6 @@ The plugin builds its cluster as ``outbound|PORT||SERVICE`` (redis_init adds
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import missing
 from ..e2e.conftest import Gateway
 from ..e2e.test_gateway import gateway_doc
 from ..e2e.test_redis import REDIS_SERVER, RedisServer
@@ -26,19 +26,12 @@ LIMIT = 3
 ALICE = {"x-mse-consumer": "alice"}
 EXCEEDED = "rate limit exceeded, req="
 
-def _missing_redis() -> None:
-    """Skip locally; under CI (which runs scripts/install-test-deps) a missing server fails."""
-    message = "redis-server not installed (scripts/install-test-deps installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
 
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if REDIS_SERVER is None:
-        _missing_redis()
+        missing("redis-server is not installed")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
@@ -98,7 +91,7 @@ def test_request_over_the_limit_gets_429(start_gateway: Start, upstream: str,
 def test_stopped_redis_does_not_take_the_gateway_down(start_gateway: Start, upstream: str,
                                                       tmp_path: Path) -> None:
     if REDIS_SERVER is None:
-        _missing_redis()
+        missing("redis-server is not installed")
     server = RedisServer(tmp_path)
     config = gateway_doc(upstream) + wasm_plugin("gpustack-rate-limit", rate_limit(server.port))
     gateway = start_gateway(config)
