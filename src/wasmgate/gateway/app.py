@@ -20,13 +20,14 @@ from ..fetch.cache import ModuleCache
 from ..fetch.fetcher import ModuleFetcher
 from ..runtime.abi import LogLevel
 from ..runtime.plugin import Plugin
-from ..runtime.shared import SharedDataStore
+from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import Limits
 from .admin import AdminServer
 from .host import GatewayHost
 from .plugins import ManagedSlot, PluginManager
 from .proxy import ProxyState, Router
 from .server import DownstreamProtocol
+from .shared_queues import ProcessSharedQueues
 from .stats import GatewayStats, render_gateway, render_plugin_metrics
 from .upstream import UpstreamPools
 
@@ -44,9 +45,12 @@ class GatewayApp:
                  drain_seconds: float = 10.0, reload_interval: float = 1.0,
                  reuse_port: bool = False, cache_dir: Path | None = None,
                  plugin_log_level: str = "info", ca_file: str | None = None,
-                 shared_data: SharedDataStore | None = None) -> None:
+                 shared_data: SharedDataStore | None = None,
+                 shared_queues: SharedQueueStore | None = None) -> None:
         self.ca_file = ca_file
-        self.shared_data = shared_data  # one store across --workers (shared_store.py)
+        # one store across --workers (shared_store.py, shared_queues.py)
+        self.shared_data = shared_data
+        self.shared_queues = shared_queues
         self.config_paths = config_paths
         self.overrides = {"listen": listen, "admin": admin, "upstream": upstream}
         self.drain_seconds = drain_seconds
@@ -107,7 +111,10 @@ class GatewayApp:
         gateway, resources = self._load()
         self.gateway = gateway
         router = Router(gateway.spec)
-        host = GatewayHost(loop, self.pools, router.resolve, shared_data=self.shared_data)
+        host = GatewayHost(loop, self.pools, router.resolve, shared_data=self.shared_data,
+                           queues=self.shared_queues)
+        if isinstance(self.shared_queues, ProcessSharedQueues):
+            self.shared_queues.listen(loop, host.queue_ready)
         host.resolve_redis = gateway.resolve_redis
         limits = _limits(gateway.spec)
         fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)

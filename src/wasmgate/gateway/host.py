@@ -27,7 +27,7 @@ from ..runtime.host import (
     python_level,
 )
 from ..runtime.plugin import Plugin
-from ..runtime.shared import SharedDataStore
+from ..runtime.shared import SharedDataStore, SharedQueueStore
 from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
 from .redis import RedisError, RedisPools, RedisTarget, database_of
 from .upstream import BufferedResponse, Endpoint, UpstreamPools
@@ -49,8 +49,9 @@ class GatewayHost(Host):
     """One per gateway process; every plugin of the process shares it (and its stores)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pools: UpstreamPools,
-                 resolve: Resolver, shared_data: SharedDataStore | None = None) -> None:
-        super().__init__(shared_data=shared_data)
+                 resolve: Resolver, shared_data: SharedDataStore | None = None,
+                 queues: SharedQueueStore | None = None) -> None:
+        super().__init__(shared_data=shared_data, queues=queues)
         self.loop = loop
         self.pools = pools
         self.resolve = resolve

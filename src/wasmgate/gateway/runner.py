@@ -2,9 +2,9 @@
 
 With `--workers N` the parent starts N processes that each run a full gateway on the same
 port (SO_REUSEPORT; the kernel spreads connections). Each worker has its own plugins and VMs,
-as each Envoy worker thread has its own VMs; shared data (with CAS) is ONE store across the
-workers (a memory-mapped file, see shared_store.py), as across Envoy's worker threads. Shared
-queues stay per worker. The admin endpoint is served by worker 0 only, and its stats cover
+as each Envoy worker thread has its own VMs; shared data (with CAS) and shared queues are ONE
+store across the workers (a memory-mapped file, see shared_store.py and shared_queues.py), as
+across Envoy's worker threads. The admin endpoint is served by worker 0 only, and its stats cover
 that worker.
 """
 
@@ -19,14 +19,17 @@ import sys
 from pathlib import Path
 
 from .app import ConfigInvalid, GatewayApp
+from .shared_queues import ProcessSharedQueues
 from .shared_store import ProcessSharedData
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+WORKER_LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(processName)s] %(name)s: %(message)s"
+"""With --workers, each line says which worker wrote it (as Envoy's logs carry a thread id)."""
 
 
-def setup_logging(level: str, access_log: bool) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT,
-                        stream=sys.stderr)
+def setup_logging(level: str, access_log: bool, *, worker: bool = False) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format=WORKER_LOG_FORMAT if worker else LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("wasmgate.access").setLevel(logging.INFO if access_log else logging.WARNING)
     # Plugin logs are filtered by each plugin's own level (admin /logging); let them all through
     # here, trace included.
@@ -50,12 +53,13 @@ async def _serve(app: GatewayApp) -> None:
 def _worker(configs: list[Path], options: dict[str, object], index: int,
             shared_data: ProcessSharedData) -> None:
     level = str(options.pop("log_level"))
-    setup_logging(level, bool(options.pop("access_log")))
+    setup_logging(level, bool(options.pop("access_log")), worker=True)
     options["plugin_log_level"] = "warn" if level == "warning" else level
     _event_loop_policy()
     if index > 0:
         options["admin"] = ("127.0.0.1", 0)
-    app = GatewayApp(configs, reuse_port=True, shared_data=shared_data,
+    queues = ProcessSharedQueues(shared_data, index)
+    app = GatewayApp(configs, reuse_port=True, shared_data=shared_data, shared_queues=queues,
                      **options)  # type: ignore[arg-type]
     asyncio.run(_serve(app))
 

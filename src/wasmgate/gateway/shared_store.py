@@ -40,12 +40,13 @@ key too large) or INTERNAL_FAILURE (table or arena full), logs a warning once pe
 changes nothing; the store stays usable. Freed value blocks are reused by size class (powers
 of two from 64 bytes), so a key whose value changes size does not grow the arena without bound.
 
-Shared queues are NOT shared across workers: they stay per worker process (their
-``on_queue_ready`` must reach a VM in the process that registered the queue).
+Shared queues live in the same file (see shared_queues.py): their records are entries in a
+reserved namespace of this table and their items are arena blocks, under the same lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -55,6 +56,7 @@ import tempfile
 import threading
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +299,40 @@ class ProcessSharedData(SharedDataStore):
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning("%s (logged once per worker)", message)
+
+    # -- primitives for other structures in the same file (shared_queues.py) ---------------
+    # Callers hold the lock (``with store.locked():``) around every call below.
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[mmap.mmap]:
+        """The lock, and the mapping to read and write under it."""
+        self._acquire()
+        try:
+            yield self._mm
+        finally:
+            self._release()
+
+    def value_at_locked(self, vm_id: str, key: bytes) -> tuple[int, int] | None:
+        """(offset, length) of the value stored under ``key``, or None: to update in place."""
+        full = self._full_key(vm_id, key)
+        _, slot = self._find(full, self._hash(full))
+        return None if slot is None else (slot[3], slot[4])
+
+    def put_locked(self, vm_id: str, key: bytes, value: bytes) -> Status:
+        """An unconditional set, as :meth:`set` with ``cas == 0``."""
+        full = self._full_key(vm_id, key)
+        if len(value) > self.max_value or len(full) > self.max_key:
+            return Status.BAD_ARGUMENT
+        return self._set_locked(full, self._hash(full), value, len(value), 0)
+
+    def alloc_locked(self, size: int) -> tuple[int, int] | None:
+        """A block of at least ``size`` bytes: (offset, size class), or None if the arena is
+        full. Give it back with :meth:`free_locked`."""
+        klass = max(_MIN_CLASS, (size - 1).bit_length())
+        offset = self._alloc(klass)
+        return None if offset is None else (offset, klass)
+
+    def free_locked(self, offset: int, klass: int) -> None:
+        self._free(offset, klass)
 
     # -- inspection -------------------------------------------------------------------------
     def _items(self, vm_id: str) -> list[tuple[bytes, bytes]]:

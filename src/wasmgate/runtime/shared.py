@@ -63,7 +63,9 @@ class SharedQueueStore:
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
 
-    def register(self, vm_id: str, name: str, owner: object) -> int:
+    def register(self, vm_id: str, name: str, owner: object) -> int | Status:
+        """The queue's token (a new one if it did not exist); ``owner`` receives its
+        ``on_queue_ready`` from now on. A store with finite room may return a failure Status."""
         with self._lock:
             queue = self._by_name.get((vm_id, name))
             if queue is None:

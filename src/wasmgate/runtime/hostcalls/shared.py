@@ -40,6 +40,8 @@ def proxy_register_shared_queue(vm: WasmVM, name_ptr: int, name_len: int,
     name = read_str(vm, name_ptr, name_len)
     vm.memory.check(ret_token, 4)
     token = vm.plugin.host.queue_store.register(vm.plugin.vm_id, name, vm.plugin)
+    if isinstance(token, Status):  # a store with finite room (shared_queues.py) is full
+        return token
     vm.memory.write_u32(ret_token, token)
     return OK
 
