@@ -7,6 +7,7 @@ is involved; the conformance plugin makes the calls and logs what comes back.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -50,6 +51,18 @@ def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
     return request
 
 
+HELD_OPEN = threading.Event()
+HELD_ENDED = threading.Event()
+
+
+def _hold(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    """A stream the server never ends: only the client can (by cancelling)."""
+    context.add_callback(HELD_ENDED.set)
+    HELD_OPEN.set()
+    for request in requests:
+        yield request
+
+
 def _fail(request: bytes, context: grpc.ServicerContext) -> bytes:
     context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
     return b""  # pragma: no cover - abort raises
@@ -63,6 +76,7 @@ def grpc_server() -> Iterator[int]:
         "Stream": grpc.stream_stream_rpc_method_handler(_stream),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
+        "Hold": grpc.stream_stream_rpc_method_handler(_hold),
     })
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -177,6 +191,23 @@ def test_cancel_stops_delivery(start_gateway: Start, upstream: str, grpc_server:
     logs = gateway.logs()
     assert "enter grpc_receive" not in logs and "enter grpc_close" not in logs
     assert gateway.get("/")[0] == 200
+
+
+def test_stopping_a_plugin_cancels_its_open_streams(start_gateway: Start, upstream: str,
+                                                    grpc_server: int) -> None:
+    HELD_OPEN.clear()
+    HELD_ENDED.clear()
+    steps = [f"request_headers grpc_stream s:grpcsvc s:{SERVICE} s:Hold m:"]
+    gateway = start_gateway(grpc_doc(upstream, grpc_server) + conformance("g", steps))
+    assert gateway.get("/")[0] == 200
+    assert HELD_OPEN.wait(10), "the stream never reached the server"
+    assert not HELD_ENDED.is_set()
+    # hot reload without the plugin: the old one is stopped, its stream cancelled
+    config = gateway.config_path  # type: ignore[attr-defined]
+    config.write_text(grpc_doc(upstream, grpc_server))
+    assert HELD_ENDED.wait(20), "the plugin was replaced but its stream stayed open"
+    assert gateway.get("/")[0] == 200
+    assert "enter grpc_close" not in gateway.logs()  # nothing delivered to a stopped plugin
 
 
 def test_service_argument_and_metadata_helpers() -> None:

@@ -203,6 +203,14 @@ class GrpcCalls:
         if call.task is not None:
             call.task.cancel()
 
+    def cancel_all(self, plugin: Plugin) -> int:
+        """Cancel every call the plugin still has open (it is being stopped): the servers see
+        the streams end, and nothing more is delivered. Returns how many were cancelled."""
+        tokens = [token for (owner, token) in self.calls if owner == id(plugin)]
+        for token in tokens:
+            self.cancel(plugin, token)
+        return len(tokens)
+
     def close(self, plugin: Plugin, token: int) -> None:
         call = self.calls.get((id(plugin), token))
         if call is None:

@@ -98,9 +98,15 @@ class GatewayHost(Host):
             self._arm_tick(plugin, plugin.root.tick_period_ms)
 
     def stop_plugin(self, plugin: Plugin) -> None:
+        """The plugin is being closed (reload, removal, shutdown): stop its tick and cancel its
+        open gRPC calls. http and redis calls in flight finish and are dropped on delivery."""
         timer = self._timers.pop(id(plugin), None)
         if timer is not None:
             timer.cancel()
+        if self._grpc is not None:
+            cancelled = self._grpc.cancel_all(plugin)
+            if cancelled:
+                log.debug("%s stopped: %d gRPC call(s) cancelled", plugin.describe(), cancelled)
 
     # -- queues ------------------------------------------------------------------------------
     def queue_ready(self, plugin: object, token: int) -> None:
