@@ -59,8 +59,7 @@ def _hold(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[
     """A stream the server never ends: only the client can (by cancelling)."""
     context.add_callback(HELD_ENDED.set)
     HELD_OPEN.set()
-    for request in requests:
-        yield request
+    yield from requests
 
 
 def _fail(request: bytes, context: grpc.ServicerContext) -> bytes:

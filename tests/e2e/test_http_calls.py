@@ -59,21 +59,29 @@ def test_unknown_upstream_is_bad_argument(start_gateway: Start, upstream: str) -
     assert "unknown upstream 'no-such-cluster'" in gateway.logs()
 
 
-def test_connection_failure_reaches_the_plugin_as_reset(start_gateway: Start,
+# Envoy's async client runs the router: a call that gets no response headers receives the
+# router's own reply (503 / 504) as a response; only a reset after the headers is a failure
+# (0, 0, 0 and status 11 "reset": tests/unit/test_http_call_replies.py).
+def test_connection_failure_reaches_the_plugin_as_a_503(start_gateway: Start,
                                                         upstream: str) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    steps = [call(dead, "/x"), "http_call_response get_status"]
+    steps = [call(dead, "/x"), "http_call_response get_header_map_value 6 s::status",
+             "http_call_response get_buffer_bytes 4 0 200"]
     gateway = start_gateway(gateway_doc(upstream) + conformance("caller", steps))
     assert gateway.get("/")[0] == 200
     [failed] = wait_for_enters(gateway, 1)
-    assert failed[2:] == [0, 0, 0]  # no headers, body or trailers: the call failed
-    assert "conf http_call_response get_status status=0 out=11 out=reset" in gateway.logs()
+    assert failed[2] > 0 and failed[3] > 0  # headers and a body: the router's reply
+    assert "conf http_call_response get_header_map_value status=0 out=503" in gateway.logs()
+    assert ("get_buffer_bytes status=0 out=upstream%20connect%20error%20or%20disconnect/reset"
+            in gateway.logs())
 
 
-def test_timeout_reaches_the_plugin_as_reset(start_gateway: Start, upstream: str) -> None:
-    steps = [call(upstream, "/slow", timeout_ms=300), "http_call_response get_status"]
+def test_timeout_reaches_the_plugin_as_a_504(start_gateway: Start, upstream: str) -> None:
+    steps = [call(upstream, "/slow", timeout_ms=300),
+             "http_call_response get_header_map_value 6 s::status",
+             "http_call_response get_buffer_bytes 4 0 200"]
     gateway = start_gateway(gateway_doc(upstream) + conformance("caller", steps))
     assert gateway.get("/")[0] == 200
-    [timed_out] = wait_for_enters(gateway, 1)
-    assert timed_out[2:] == [0, 0, 0]
-    assert "out=11 out=reset" in gateway.logs()
+    wait_for_enters(gateway, 1)
+    assert "get_header_map_value status=0 out=504" in gateway.logs()
+    assert "get_buffer_bytes status=0 out=upstream%20request%20timeout" in gateway.logs()

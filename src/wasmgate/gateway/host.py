@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -43,6 +44,13 @@ Resolver = Callable[[str], "Cluster | tuple[str, int] | None"]
 RedisResolver = Callable[[str], "Redis | tuple[str, int] | None"]
 REDIS_NETWORK_ERROR = 1
 """proxy_on_redis_call_response status for a failed call (Higress RedisStatus::NetworkError)."""
+UPSTREAM_TIMEOUT = b"upstream request timeout"
+
+
+def _reset_body(reason: str, transport: str = "") -> bytes:
+    """The body of Envoy's router reply for an upstream reset before the response headers."""
+    text = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+    return (text + (f", transport failure reason: {transport}" if transport else "")).encode()
 
 
 class GatewayHost(Host):
@@ -137,11 +145,26 @@ class GatewayHost(Host):
 
     async def _http_call(self, plugin: Plugin, request: HttpCallRequest, endpoint: Endpoint,
                          timeout: float) -> None:
+        """Envoy's async client runs the router: failing before any response header arrived, the
+        call gets the router's local reply as a response (503 ``upstream connect error ...`` for
+        connect failures and resets, 502 for a protocol error, 504 ``upstream request timeout``);
+        only a stream reset after the headers is a failure, (0, 0, 0) with status 11 reset."""
         done: asyncio.Future[BufferedResponse] = self.loop.create_future()
         sink = BufferedResponse(lambda r: done.done() or done.set_result(r))
-        connection = None
         try:
             connection = await self.pools.pool(endpoint).acquire(min(timeout, 5.0))
+        except (OSError, TimeoutError) as exc:
+            log.debug("http_call to %s: connect failed: %s", endpoint, exc)
+            if isinstance(exc, TimeoutError):
+                reply = ((504, UPSTREAM_TIMEOUT) if timeout <= 5.0
+                         else (503, _reset_body("connection timeout")))
+            else:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                reply = (503, _reset_body("remote connection failure",
+                                          f"delayed connect error: {why}"))
+            self._deliver_router_reply(plugin, request.token, *reply)
+            return
+        try:
             headers = request.headers
             method = header_value(headers, b":method") or b"GET"
             path = header_value(headers, b":path") or b"/"
@@ -153,13 +176,27 @@ class GatewayHost(Host):
                 connection.write(framing.encode(request.body, True))
             response = await asyncio.wait_for(done, timeout)
         except (OSError, TimeoutError) as exc:
-            if connection is not None:
-                connection.abandon()
+            connection.abandon()
             log.debug("http_call to %s failed: %s", endpoint, exc)
-            self._deliver_failure(plugin, request.token)
+            if sink.status:  # headers seen: Envoy resets the stream
+                self._deliver_failure(plugin, request.token)
+            elif isinstance(exc, TimeoutError):
+                self._deliver_router_reply(plugin, request.token, 504, UPSTREAM_TIMEOUT)
+            else:
+                self._deliver_router_reply(plugin, request.token, 503,
+                                           _reset_body("connection termination"))
             return
         if response.error is not None:
-            self._deliver_failure(plugin, request.token)
+            log.debug("http_call to %s failed: %s", endpoint, response.error)
+            if response.status:
+                self._deliver_failure(plugin, request.token)
+            else:  # e.g. upstream_reset_before_response_started{connection_termination}
+                protocol = response.error.startswith("upstream_protocol_error")
+                reason = "protocol error" if protocol else (
+                    response.error.partition("{")[2].rstrip("}").replace("_", " ")
+                    or "connection termination")
+                self._deliver_router_reply(plugin, request.token, 502 if protocol else 503,
+                                           _reset_body(reason))
             return
         pairs = [(b":status", str(response.status).encode()), *response.headers]
         self._deliver(plugin, lambda: plugin.deliver_http_call_response(
@@ -167,6 +204,13 @@ class GatewayHost(Host):
 
     def _deliver_failure(self, plugin: Plugin, token: int) -> None:
         self._deliver(plugin, lambda: plugin.deliver_http_call_failure(token))
+
+    def _deliver_router_reply(self, plugin: Plugin, token: int, status: int,
+                              body: bytes) -> None:
+        """The response Envoy's router makes itself when the call never got one."""
+        pairs = [(b":status", str(status).encode()), (b"content-length", str(len(body)).encode()),
+                 (b"content-type", b"text/plain")]
+        self._deliver(plugin, lambda: plugin.deliver_http_call_response(token, pairs, body, []))
 
     def _deliver(self, plugin: Plugin, action: Callable[[], None]) -> None:
         if plugin.vm is None or plugin.failed:

@@ -223,7 +223,8 @@ class Plugin:
             root.call_body = None
 
     def deliver_http_call_failure(self, token: int, message: bytes = b"reset") -> None:
-        """Timeout or connection failure: (root, token, 0, 0, 0) and get_status = (11, msg)."""
+        """A reset after the response headers (Envoy's onFailure): (root, token, 0, 0, 0) and
+        get_status = (11, msg). Timeouts and connect failures are router replies (503/504)."""
         self.root.status = (11, message)
         self._vm().call("proxy_on_http_call_response", self.root.id, token, 0, 0, 0,
                         context_id=self.root.id)

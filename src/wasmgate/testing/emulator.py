@@ -154,7 +154,9 @@ class Emulator(Host):
             token, normalize_headers(headers or [(":status", "200")]), to_bytes(body), trailers))
 
     def fail_http_call(self, token: int) -> None:
-        """A timeout or reset: the plugin sees (0 headers) and get_status = (11, "reset")."""
+        """A reset after the response headers: the plugin sees (0 headers) and get_status =
+        (11, "reset"). (Envoy answers a timeout or a refused connection itself, with a 504 /
+        503 response: give those with `respond_http_call`.)"""
         self.http_calls.pop(token)
         self._guard(lambda: self.plugin.deliver_http_call_failure(token))
 
