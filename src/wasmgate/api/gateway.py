@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import AfterValidator, Field, PositiveInt, Strict, model_validator
 
@@ -58,6 +59,80 @@ def parse_endpoint(text: str, default_tls: bool = False) -> Endpoint:
 
 def _check_endpoint(text: str) -> str:
     parse_endpoint(text)
+    return text
+
+
+SHARED_DATA_PREFIX = "wasmgate:shared:"
+SHARED_DATA_TIMEOUT_MS = 250
+
+
+class SharedDataURL(NamedTuple):
+    """Where ``spec.sharedData`` keeps plugin shared data: a Redis, and how to use it."""
+
+    tls: bool
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+    prefix: str = SHARED_DATA_PREFIX
+    """Every key the store writes starts with it (several gateway fleets can share one Redis)."""
+    timeout_ms: int = SHARED_DATA_TIMEOUT_MS
+    """Connect and command timeout: the longest a host call can block the event loop."""
+
+
+def parse_shared_data_url(text: str) -> SharedDataURL:
+    """``redis://[[user]:password@]host[:port][/db][?prefix=P&timeout_ms=N]``, or ``rediss://``
+    (TLS, the system's CAs). Errors never repeat the password."""
+    scheme, sep, _ = text.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss"):
+        raise ValueError(f"sharedData must be a redis:// or rediss:// URL, not "
+                         f"{redact_url(text)!r}")
+    parts = urlsplit(text)
+    shown = redact_url(text)
+    try:
+        port = 6379 if parts.port is None else parts.port
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{shown!r}: the port is not a number in 1..65535")
+    if not parts.hostname:
+        raise ValueError(f"{shown!r}: no host")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"{shown!r}: the path is the database number (/0, /1, ...)")
+    if parts.fragment:
+        raise ValueError(f"{shown!r}: a sharedData URL has no #fragment")
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in ("prefix", "timeout_ms"):
+            raise ValueError(f"{shown!r}: unknown option {name!r} (known: prefix, timeout_ms)")
+        options[name] = value
+    prefix = options.get("prefix", SHARED_DATA_PREFIX)
+    if not prefix:
+        raise ValueError(f"{shown!r}: prefix is empty")
+    timeout = options.get("timeout_ms", str(SHARED_DATA_TIMEOUT_MS))
+    if not timeout.isdigit() or int(timeout) == 0:
+        raise ValueError(f"{shown!r}: timeout_ms is a positive number of milliseconds")
+    return SharedDataURL(
+        tls=scheme.lower() == "rediss", host=parts.hostname, port=port,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        db=int(path or 0), prefix=prefix, timeout_ms=int(timeout))
+
+
+def redact_url(text: str) -> str:
+    """The URL with any password replaced by ``[redacted]``."""
+    scheme, sep, rest = text.partition("://")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return text
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:[redacted]@{hostport}{rest[end:]}"
+
+
+def _check_shared_data(text: str) -> str:
+    parse_shared_data_url(text)
     return text
 
 
@@ -156,6 +231,10 @@ class GatewaySpec(SpecModel):
     routes: list[Route] = Field(default_factory=list)
     redis: list[Redis] = Field(default_factory=list)
     limits: Limits | None = None
+    shared_data: Annotated[str, AfterValidator(_check_shared_data)] | None = Field(
+        default=None, repr=False)
+    """Plugin shared data in a Redis (``redis://`` / ``rediss://`` URL) that several gateway
+    replicas share, instead of this gateway's own store (see ``gateway/redis_shared.py``)."""
     body_buffer_limit_bytes: Annotated[int, Strict(), Field(ge=0)] = MIB
 
     @model_validator(mode="after")

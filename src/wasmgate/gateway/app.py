@@ -12,7 +12,7 @@ import re
 import signal
 from pathlib import Path
 
-from ..api.gateway import Gateway, GatewayMeta, GatewaySpec
+from ..api.gateway import Gateway, GatewayMeta, GatewaySpec, redact_url
 from ..api.loading import config_files, load_paths
 from ..api.ordering import select_for_gateway
 from ..chain import FilterChain
@@ -111,8 +111,8 @@ class GatewayApp:
         gateway, resources = self._load()
         self.gateway = gateway
         router = Router(gateway.spec)
-        host = GatewayHost(loop, self.pools, router.resolve, shared_data=self.shared_data,
-                           queues=self.shared_queues)
+        host = GatewayHost(loop, self.pools, router.resolve,
+                           shared_data=self._shared_data_for(gateway), queues=self.shared_queues)
         if isinstance(self.shared_queues, ProcessSharedQueues):
             self.shared_queues.listen(loop, host.queue_ready)
         host.resolve_redis = gateway.resolve_redis
@@ -134,6 +134,20 @@ class GatewayApp:
             self._watcher = loop.create_task(self._watch())
         log.info("listening on %s:%d, admin on %s:%d, %d plugin(s)", listen.host, self.port,
                  admin.host, self.admin.port, len(managed))
+
+    def _shared_data_for(self, gateway: Gateway) -> SharedDataStore | None:
+        """``spec.sharedData`` (a Redis shared by gateway replicas; each --workers process
+        connects itself) wins over the store this process was given (per worker or mmap'd)."""
+        url = gateway.spec.shared_data
+        if url is None:
+            return self.shared_data
+        try:
+            from .redis_shared import RedisSharedData
+        except ImportError as exc:
+            raise ConfigInvalid(f"spec.sharedData needs the redis client "
+                                f"(pip install 'wasmgate[redis]'): {exc}") from exc
+        self._redis_shared = RedisSharedData(url)  # never raises for an unreachable Redis
+        return self._redis_shared
 
     @property
     def port(self) -> int:
@@ -165,6 +179,9 @@ class GatewayApp:
         router = Router(gateway.spec)
         self.plugins.host.resolve = router.resolve
         self.plugins.host.resolve_redis = gateway.resolve_redis
+        if self.gateway is not None and gateway.spec.shared_data != self.gateway.spec.shared_data:
+            log.warning("spec.sharedData changed: it takes effect at restart; plugins keep "
+                        "the shared data store they started with")
         candidates = self.plugins.prepare(self._select(gateway, resources))  # type: ignore
         await self.plugins.settle(candidates, timeout=120)
         chosen = self.plugins.commit(candidates)
@@ -242,6 +259,8 @@ class GatewayApp:
             _close_plugins([m.slot.plugin for m in self.plugins.managed.values()
                             if m.slot.plugin is not None], self.plugins.host)
             self.plugins.shutdown()
+        if getattr(self, "_redis_shared", None) is not None:
+            self._redis_shared.close()
 
     # -- admin views -------------------------------------------------------------------------
     def plugin_statuses(self) -> list[dict[str, object]]:
@@ -269,6 +288,8 @@ class GatewayApp:
         for redis in dump_gateway.get("spec", {}).get("redis", []):
             if redis.get("password"):
                 redis["password"] = "[redacted]"
+        if dump_gateway.get("spec", {}).get("sharedData"):
+            dump_gateway["spec"]["sharedData"] = redact_url(dump_gateway["spec"]["sharedData"])
         plugins = []
         for order, managed in enumerate(self.plugins.managed.values()):
             resource = managed.resource.to_dict()
