@@ -19,6 +19,7 @@ from ..chain import FilterChain
 from ..fetch.cache import ModuleCache
 from ..fetch.fetcher import ModuleFetcher
 from ..runtime.abi import LogLevel
+from ..runtime.metrics import MetricStore
 from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import Limits
@@ -28,7 +29,7 @@ from .plugins import ManagedSlot, PluginManager
 from .proxy import ProxyState, Router
 from .server import DownstreamProtocol
 from .shared_queues import ProcessSharedQueues
-from .stats import GatewayStats, render_gateway, render_plugin_metrics
+from .stats import GatewayStats
 from .upstream import UpstreamPools
 
 log = logging.getLogger("wasmgate.gateway")
@@ -46,8 +47,13 @@ class GatewayApp:
                  reuse_port: bool = False, cache_dir: Path | None = None,
                  plugin_log_level: str = "info", ca_file: str | None = None,
                  shared_data: SharedDataStore | None = None,
-                 shared_queues: SharedQueueStore | None = None) -> None:
+                 shared_queues: SharedQueueStore | None = None,
+                 metric_store: MetricStore | None = None, worker: int | None = None) -> None:
         self.ca_file = ca_file
+        # plugin metrics: one set across --workers (shared_metrics.py); `worker` is this
+        # process's index there (worker 0's admin gathers the others' stats: admin.py)
+        self.metric_store = metric_store
+        self.worker = worker
         # one store across --workers (shared_store.py, shared_queues.py)
         self.shared_data = shared_data
         self.shared_queues = shared_queues
@@ -112,7 +118,8 @@ class GatewayApp:
         self.gateway = gateway
         router = Router(gateway.spec)
         host = GatewayHost(loop, self.pools, router.resolve,
-                           shared_data=self._shared_data_for(gateway), queues=self.shared_queues)
+                           shared_data=self._shared_data_for(gateway), queues=self.shared_queues,
+                           metrics=self.metric_store)
         if isinstance(self.shared_queues, ProcessSharedQueues):
             self.shared_queues.listen(loop, host.queue_ready)
         host.resolve_redis = gateway.resolve_redis
@@ -303,10 +310,8 @@ class GatewayApp:
                 "config_errors": self.config_errors}
 
     def prometheus_lines(self) -> list[str]:
-        metrics = self.plugins.host.metric_store.all() if self.plugins else []
-        return (render_plugin_metrics(metrics)
-                + render_gateway(self.stats, self.plugin_statuses())
-                + self.plugins.fetcher.metrics.prometheus_lines())
+        """This process's /stats/prometheus (worker 0's admin combines every worker's)."""
+        return self.admin.prometheus_lines()
 
 
 def _now() -> float:

@@ -27,6 +27,7 @@ from ..runtime.host import (
     UnknownUpstream,
     python_level,
 )
+from ..runtime.metrics import MetricStore
 from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
@@ -58,8 +59,9 @@ class GatewayHost(Host):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pools: UpstreamPools,
                  resolve: Resolver, shared_data: SharedDataStore | None = None,
-                 queues: SharedQueueStore | None = None) -> None:
-        super().__init__(shared_data=shared_data, queues=queues)
+                 queues: SharedQueueStore | None = None,
+                 metrics: MetricStore | None = None) -> None:
+        super().__init__(shared_data=shared_data, queues=queues, metrics=metrics)
         self.loop = loop
         self.pools = pools
         self.resolve = resolve

@@ -4,8 +4,11 @@ With `--workers N` the parent starts N processes that each run a full gateway on
 port (SO_REUSEPORT; the kernel spreads connections). Each worker has its own plugins and VMs,
 as each Envoy worker thread has its own VMs; shared data (with CAS) and shared queues are ONE
 store across the workers (a memory-mapped file, see shared_store.py and shared_queues.py), as
-across Envoy's worker threads. The admin endpoint is served by worker 0 only, and its stats cover
-that worker.
+across Envoy's worker threads; so are plugin-defined metrics (shared_metrics.py). The admin
+endpoint is worker 0's; the other workers serve theirs on 127.0.0.1 (a free port, written into
+the metrics file's workers' table), and worker 0 gathers their gateway and per-plugin stats
+from there for /stats/prometheus, /plugins and /ready (admin.py). A Gateway with
+`spec.sharedData: redis://...` puts shared data in that Redis instead (each worker connects).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .app import ConfigInvalid, GatewayApp
+from .shared_metrics import ProcessMetricStore
 from .shared_queues import ProcessSharedQueues
 from .shared_store import ProcessSharedData
 
@@ -51,7 +55,7 @@ async def _serve(app: GatewayApp) -> None:
 
 
 def _worker(configs: list[Path], options: dict[str, object], index: int,
-            shared_data: ProcessSharedData) -> None:
+            shared_data: ProcessSharedData, metrics: ProcessMetricStore) -> None:
     level = str(options.pop("log_level"))
     setup_logging(level, bool(options.pop("access_log")), worker=True)
     options["plugin_log_level"] = "warn" if level == "warning" else level
@@ -60,7 +64,7 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
         options["admin"] = ("127.0.0.1", 0)
     queues = ProcessSharedQueues(shared_data, index)
     app = GatewayApp(configs, reuse_port=True, shared_data=shared_data, shared_queues=queues,
-                     **options)  # type: ignore[arg-type]
+                     metric_store=metrics, worker=index, **options)  # type: ignore[arg-type]
     asyncio.run(_serve(app))
 
 
@@ -87,10 +91,13 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
                "access_log": access_log, "cache_dir": cache_dir, "ca_file": ca_file}
     context = multiprocessing.get_context("spawn")
     shared_data = ProcessSharedData.create()
-    processes = [context.Process(target=_worker, args=(configs, dict(options), i, shared_data),
+    metrics = ProcessMetricStore.create(workers=workers)
+    processes = [context.Process(target=_worker,
+                                 args=(configs, dict(options), i, shared_data, metrics),
                                  name=f"wasmgate-worker-{i}") for i in range(workers)]
-    for process in processes:
+    for index, process in enumerate(processes):
         process.start()
+        metrics.set_worker(index, pid=process.pid)
 
     def forward(signum: int, _frame: object) -> None:
         for process in processes:
@@ -105,4 +112,6 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
     finally:
         shared_data.close()
         shared_data.unlink()
+        metrics.close()
+        metrics.unlink()
     return max((p.exitcode or 0) for p in processes)

@@ -5,6 +5,14 @@ Plugin-defined metrics appear under their own names, as Envoy exposes them since
 Istio-style `tag=.=value;.;` segments turned into labels, names starting with a digit
 dropped). Hand-written rather than prometheus_client: its text format forces a `_total`
 suffix on counters, which would rename the plugins' metrics.
+
+With `--workers N` the gateway and per-plugin numbers are per worker process; each worker's
+admin serves them as a JSON snapshot (`/stats/worker`) and worker 0 combines the snapshots
+(`combine_*` below): counters and histograms are summed; per-plugin VM memory is summed (what
+the plugin costs the whole gateway; `/plugins` has each worker's); a plugin is `ready` only if
+it is ready in every worker; config reloads take the maximum (every worker reloads the same
+files: the count is of configuration changes, not of workers); `wasm_cache_entries` takes the
+maximum (the module cache is one directory).
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ import bisect
 import re
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
+from ..fetch.metrics import FetchMetrics
 from ..runtime.abi import MetricType
-from ..runtime.metrics import DEFAULT_BUCKETS, Metric
+from ..runtime.metrics import DEFAULT_BUCKETS, MetricValues
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _TAG = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=\.=(.*?);\.;")
@@ -44,6 +54,75 @@ class GatewayStats:
         self.latency_sum += seconds
         self.latency_count += 1
 
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as JSON-able data (what a worker reports to worker 0)."""
+        return {"requests": self.requests,
+                "responses": {str(code): n for code, n in self.responses.items()},
+                "upstream_connect_failures": self.upstream_connect_failures,
+                "upstream_timeouts": self.upstream_timeouts,
+                "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum,
+                "latency_count": self.latency_count, "reloads": self.reloads,
+                "reload_failures": self.reload_failures}
+
+    @classmethod
+    def combined(cls, snapshots: Iterable[dict[str, Any]]) -> GatewayStats:
+        """The gateway's stats from its workers' snapshots: sums; reloads take the maximum."""
+        total = cls()
+        for snap in snapshots:
+            total.requests += snap["requests"]
+            total.responses.update({int(code): n for code, n in snap["responses"].items()})
+            total.upstream_connect_failures += snap["upstream_connect_failures"]
+            total.upstream_timeouts += snap["upstream_timeouts"]
+            total.latency_counts = [a + b for a, b in zip(total.latency_counts,
+                                                          snap["latency_counts"], strict=True)]
+            total.latency_sum += snap["latency_sum"]
+            total.latency_count += snap["latency_count"]
+            total.reloads = max(total.reloads, snap["reloads"])
+            total.reload_failures = max(total.reload_failures, snap["reload_failures"])
+        return total
+
+
+_SUMMED_PLUGIN_FIELDS = ("streams", "crashes", "reloads", "callbacks", "callback_seconds",
+                         "memory_bytes", "fetch_attempts")
+
+
+def combine_plugins(per_worker: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per plugin name over the workers' statuses (the first worker's order and
+    details): per-worker counts and VM memory summed; the status is `ready` only if every
+    worker has it ready, else the first other status seen (with its error)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for plugins in per_worker:
+        for plugin in plugins:
+            into = merged.get(plugin["name"])
+            if into is None:
+                merged[plugin["name"]] = dict(plugin)
+                continue
+            for name in _SUMMED_PLUGIN_FIELDS:
+                if isinstance(plugin.get(name), int | float):
+                    into[name] = (into.get(name) or 0) + plugin[name]
+            if into["status"] == "ready" and plugin["status"] != "ready":
+                into["status"], into["error"] = plugin["status"], plugin.get("error")
+    for plugin in merged.values():
+        if isinstance(plugin.get("callback_seconds"), float):
+            plugin["callback_seconds"] = round(plugin["callback_seconds"], 6)
+    return list(merged.values())
+
+
+def fetch_snapshot(metrics: FetchMetrics) -> dict[str, Any]:
+    return {"cache_entries": metrics.cache_entries,
+            "lookups": {str(hit).lower(): n for hit, n in dict(metrics.lookups).items()},
+            "remote_fetches": dict(metrics.remote_fetches)}
+
+
+def combine_fetch(snapshots: Iterable[dict[str, Any]]) -> FetchMetrics:
+    """Fetch counters summed over the workers (each fetches for itself); cache entries: max."""
+    total = FetchMetrics()
+    for snap in snapshots:
+        total.cache_entries = max(total.cache_entries, snap["cache_entries"])
+        total.lookups.update({hit == "true": n for hit, n in snap["lookups"].items()})
+        total.remote_fetches.update(snap["remote_fetches"])
+    return total
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -67,8 +146,8 @@ def plugin_metric_name(name: str) -> tuple[str, dict[str, str]] | None:
     return sanitized, labels
 
 
-def render_plugin_metrics(metrics: Iterable[Metric]) -> list[str]:
-    families: dict[str, tuple[MetricType, list[tuple[dict[str, str], Metric]]]] = {}
+def render_plugin_metrics(metrics: Iterable[MetricValues]) -> list[str]:
+    families: dict[str, tuple[MetricType, list[tuple[dict[str, str], MetricValues]]]] = {}
     for metric in metrics:
         named = plugin_metric_name(metric.name)
         if named is None:
@@ -86,15 +165,20 @@ def render_plugin_metrics(metrics: Iterable[Metric]) -> list[str]:
     return lines
 
 
-def _histogram(name: str, labels: dict[str, str], metric: Metric) -> list[str]:
+def _histogram(name: str, labels: dict[str, str], metric: MetricValues) -> list[str]:
     lines, running = [], 0
     for bound, count in zip(DEFAULT_BUCKETS, metric.bucket_counts, strict=True):
         running += count
         lines.append(f"{name}_bucket{_labels({**labels, 'le': f'{bound:g}'})} {running}")
     lines.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {metric.sample_count}")
-    lines.append(f"{name}_sum{_labels(labels)} {metric.sample_sum:g}")
+    lines.append(f"{name}_sum{_labels(labels)} {_number(metric.sample_sum)}")
     lines.append(f"{name}_count{_labels(labels)} {metric.sample_count}")
     return lines
+
+
+def _number(value: float) -> str:
+    """Exact for integral values (`:g` would print 1234567 as 1.23457e+06)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def render_gateway(stats: GatewayStats, plugins: list[dict[str, object]]) -> list[str]:
@@ -138,3 +222,13 @@ def _plugin_lines(plugins: list[dict[str, object]]) -> list[str]:
         for plugin in plugins:
             lines.append(f'{name}{{plugin="{_escape(str(plugin["name"]))}"}} {value(plugin)}')
     return lines
+
+
+def render_workers(states: dict[int, str], refused: int) -> list[str]:
+    """`--workers` only: which workers' numbers are current in this scrape, and plugin metrics
+    the shared metrics file had no room for (see shared_metrics.py)."""
+    up = [f'wasmgate_worker_up{{worker="{index}"}} {int(state == "up")}'
+          for index, state in sorted(states.items())]
+    return ["# TYPE wasmgate_worker_up gauge", *up,
+            "# TYPE wasmgate_plugin_metrics_refused gauge",
+            f"wasmgate_plugin_metrics_refused {refused}"]

@@ -51,5 +51,5 @@ def proxy_get_metric(vm: WasmVM, metric_id: int, ret_value: int) -> int:
         return Status.NOT_FOUND
     if metric.type == MetricType.HISTOGRAM:
         return Status.BAD_ARGUMENT
-    vm.memory.write_u64(ret_value, metric.value)
+    vm.memory.write_u64(ret_value, vm.plugin.host.metric_store.get(metric))
     return OK
