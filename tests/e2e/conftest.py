@@ -135,7 +135,7 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
     def start(config: str, *args: str, wait: bool = True) -> Gateway:
-        config_path = tmp_path / "config.yaml"
+        config_path = tmp_path / f"config-{len(started)}.yaml"  # one each: no cross-reloads
         config_path.write_text(config)
         port, admin = free_port(), free_port()
         log_path = tmp_path / f"gateway-{len(started)}.log"

@@ -40,9 +40,7 @@ def shared_doc(upstream: str, port: int) -> str:
 
 
 def two_gateways(start_gateway: Start, config: str, *args: str) -> list[Gateway]:
-    gateways = [start_gateway(config, *args), start_gateway(config, *args)]
-    time.sleep(1.2)  # the fixture rewrote the first one's config file: let its reload pass
-    return gateways
+    return [start_gateway(config, *args), start_gateway(config, *args)]
 
 
 def get(gateway: Gateway, path: str, headers: dict[str, str] | None = None) -> int:

@@ -208,3 +208,12 @@ def test_concurrent_new_keys_and_resizes_keep_the_table_consistent(
         for j in range(20):
             last = max(r for r in range(2000) if r % 20 == j)
             assert store.get("vm", b"k%d-%d" % (i, j))[0] == b"%d:%d" % (i, last) * (last % 50)  # type: ignore[index]
+
+
+def test_in_process_cas_wraps_to_one_never_zero() -> None:
+    store = SharedDataStore()
+    store._cas_counter = 0xFFFFFFFF
+    store.set("vm", b"k", b"a", 0)
+    assert store.get("vm", b"k") == (b"a", 0xFFFFFFFF)
+    store.set("vm", b"k", b"b", 0)
+    assert store.get("vm", b"k") == (b"b", 1)

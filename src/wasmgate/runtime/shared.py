@@ -16,11 +16,12 @@ from .abi import Status
 
 
 class SharedDataStore:
-    """vm_id -> key -> (value, cas). Every successful set takes a new CAS from one counter."""
+    """vm_id -> key -> (value, cas). Every successful set takes a new CAS from one counter,
+    a u32 that skips 0 when it wraps, as proxy-wasm-cpp-host's."""
 
     def __init__(self) -> None:
         self._data: dict[str, dict[bytes, tuple[bytes, int]]] = {}
-        self._cas = itertools.count(1)
+        self._cas_counter = 1
         self._lock = threading.Lock()
 
     def get(self, vm_id: str, key: bytes) -> tuple[bytes, int] | None:
@@ -33,7 +34,8 @@ class SharedDataStore:
             current = space.get(key)
             if cas and current is not None and current[1] != cas:
                 return Status.CAS_MISMATCH
-            space[key] = (bytes(value), next(self._cas))
+            space[key] = (bytes(value), self._cas_counter)
+            self._cas_counter = (self._cas_counter + 1) & 0xFFFFFFFF or 1
             return Status.OK
 
     def keys(self, vm_id: str) -> list[bytes]:
