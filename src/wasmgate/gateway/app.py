@@ -83,7 +83,13 @@ class GatewayApp:
     def _load(self) -> tuple[Gateway, list[object]]:
         result = load_paths(self.config_paths)
         errors = [str(e) for e in result.errors]
-        if errors and not (result.plugins or result.gateways):
+        # A bad WasmPlugin is left out and the others run, as in Istio. A bad Gateway document
+        # (or a file that did not parse, which may hold it) is not replaced by a default one:
+        # that would drop every route and listener setting. Startup refuses; a reload keeps
+        # the running configuration.
+        fatal = [e for e in result.errors
+                 if e.kind == "Gateway" or (e.kind is None and e.document_index is None)]
+        if fatal or (errors and not (result.plugins or result.gateways)):
             raise ConfigInvalid("\n".join(errors))
         self.config_errors = errors
         for error in errors:
