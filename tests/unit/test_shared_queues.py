@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from wasmgate.gateway import shared_queues
 from wasmgate.gateway.shared_queues import ProcessSharedQueues
 from wasmgate.gateway.shared_store import ProcessSharedData
 from wasmgate.runtime.abi import Status
@@ -103,8 +105,10 @@ def test_limits_refuse_and_change_nothing(data: ProcessSharedData,
     try:
         token = store.register("vm", "q", "owner")
         assert isinstance(token, int)
+        used = data.stats()["arena_used"]
         assert store.enqueue(token, b"z" * (data.max_value + 1), ignore) == Status.INTERNAL_FAILURE
         assert "queue item" in caplog.text
+        assert data.stats()["arena_used"] == used and store.items(token) == []
         # fill the arena (4 MiB) with 64 KiB items until it refuses, then drain
         count = 0
         while store.enqueue(token, b"f" * (60 << 10), ignore) == Status.OK:
@@ -230,5 +234,83 @@ def test_an_owner_that_has_gone_leaves_the_items(data: ProcessSharedData) -> Non
     try:
         assert store.enqueue(token, b"kept", ignore) == Status.OK  # type: ignore[arg-type]
         assert store.dequeue(token) == b"kept"  # type: ignore[arg-type]
+    finally:
+        store.close()
+
+
+def test_a_burst_of_enqueues_in_another_worker_wakes_the_owner_once_per_item(
+        data: ProcessSharedData) -> None:
+    """More wake-ups than the kernel's datagram queue holds (net.unix.max_dgram_qlen, often
+    10) while the owner's loop is busy: none is lost, as Envoy calls on_queue_ready once per
+    enqueue and plugins often dequeue one item per call."""
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        owner_store = ProcessSharedQueues(data, 0)
+        woken: list[int] = []
+        done = asyncio.Event()
+
+        def notify(owner: object, token: int) -> None:
+            woken.append(token)
+            if len(woken) == 100:
+                done.set()
+
+        owner_store.listen(loop, notify)
+        try:
+            owner_store.register("vm", "q", "the-owner")
+            context = multiprocessing.get_context("spawn")
+            process = context.Process(target=_producer, args=(data.path, 1, 100))
+            process.start()
+            process.join(60)  # blocks the loop until the producer is done: wake-ups wait
+            assert process.exitcode == 0
+            await asyncio.wait_for(done.wait(), 30)
+            await asyncio.sleep(0.1)  # and no extra ones follow
+            return len(woken)
+        finally:
+            owner_store.close()
+
+    assert asyncio.run(scenario()) == 100
+
+
+def _die_while_publishing(path: str, token: int) -> None:
+    """Enqueue, and die (as SIGKILL would) right after linking the item to the tail, before
+    the record is updated: the worst point of an enqueue."""
+    real = shared_queues._RECORD
+
+    class DieOnPublish:
+        size = real.size
+
+        def unpack_from(self, *args: object) -> tuple[int, ...]:
+            return real.unpack_from(*args)  # type: ignore[arg-type]
+
+        def pack_into(self, *args: object) -> None:
+            os._exit(9)
+
+    shared_queues._RECORD = DieOnPublish()  # type: ignore[assignment]
+    store = ProcessSharedQueues(ProcessSharedData.attach(path), 1)
+    store.enqueue(token, b"B" * 500, ignore)
+
+
+def test_a_worker_killed_mid_enqueue_loses_that_item_and_corrupts_nothing(
+        data: ProcessSharedData) -> None:
+    store = ProcessSharedQueues(data, 0)
+    try:
+        token = store.register("vm", "q", "owner")
+        assert isinstance(token, int)
+        assert store.enqueue(token, b"A" * 500, ignore) == Status.OK
+        process = multiprocessing.get_context("spawn").Process(
+            target=_die_while_publishing, args=(data.path, token))
+        process.start()
+        process.join(60)
+        assert process.exitcode == 9
+        assert store.dequeue(token) == b"A" * 500
+        assert store.dequeue(token) == Status.EMPTY  # B was lost with its worker
+        assert store.enqueue(token, b"C" * 10, ignore) == Status.OK
+        for i in range(3):  # reuse freed blocks: they must not overlap live ones
+            assert data.set("vm", b"k%d" % i, bytes([65 + i]) * 900, 0) == Status.OK
+        assert store.items(token) == [b"C" * 10]
+        assert store.dequeue(token) == b"C" * 10
+        assert store.dequeue(token) == Status.EMPTY
+        for i in range(3):
+            assert data.get("vm", b"k%d" % i)[0] == bytes([65 + i]) * 900  # type: ignore[index]
     finally:
         store.close()

@@ -9,17 +9,26 @@ same lock, and the "call on the owner's thread" becomes a datagram to the owner'
 Layout, in a reserved namespace of the shared-data table (a vm_id no plugin can have):
   ``N`` + vm_id + name  -> token (u32), written once
   ``T`` + token         -> queue record: head, tail (arena offsets of item blocks, 0 = none),
-                           item count, owner worker (-1 = none); updated in place
+                           item count, owner worker (-1 = none), wake-ups owed to the owner
+                           by other workers; updated in place
   ``next``              -> the next token (u32, never 0)
 Each item is an arena block ``[next offset u64][length u32][size class u32][bytes]``: enqueue
 and dequeue are O(1) and a dequeued block goes back to the arena's free lists.
 
-Wake-ups: each worker binds an abstract unix datagram socket named after the store's file and
-its index. Enqueue sends the 4-byte token to the owner worker's socket (non-blocking); the
-owner's event loop reads it and delivers ``on_queue_ready`` to the VM that registered last in
-that process. An enqueue in the owner's own process notifies directly. If the owner has exited
-the items stay for anyone to dequeue; if its socket buffer is full the wake-up is dropped and
-logged (the item stays; the next wake-up lets the plugin drain it).
+Wake-ups: Envoy calls ``on_queue_ready`` once per enqueue, and plugins commonly dequeue one
+item per call, so no wake-up may be lost. An enqueue in the owner's own process notifies
+directly. An enqueue in another worker adds one to the record's owed count, under the lock,
+and only when that count goes from 0 to 1 sends the 4-byte token as a datagram to the owner's
+abstract unix socket (named after the store's file and the worker index). The owner's event
+loop reads it, takes the owed count (resetting it to 0) and delivers that many
+``on_queue_ready`` to the VM that registered last in that process. So at most one datagram per
+queue is in flight, and the kernel's small datagram queue (``net.unix.max_dgram_qlen``, often
+10) cannot drop wake-ups; should a datagram still be lost (more queues than that, all owed at
+once), the owner sweeps its queues for owed wake-ups every second. If the owner has exited the
+items stay for anyone to dequeue.
+
+Crash safety: a worker killed inside an operation leaves a consistent queue, at worst losing
+the item being enqueued (its block leaks): dequeue never follows the link out of the tail.
 
 Why not the parent as a queue broker over pipes: a host call is synchronous, and a round trip
 through another process costs tens of µs and a scheduling of that process per call; here an
@@ -48,8 +57,9 @@ log = logging.getLogger("wasmgate.shared")
 
 _NAMESPACE = "\x00wasmgate.queues"
 _U32 = struct.Struct("<I")
-# head offset, tail offset, item count, owner worker
-_RECORD = struct.Struct("<QQIi")
+# head offset, tail offset, item count, owner worker, wake-ups owed to the owner
+_RECORD = struct.Struct("<QQIiI")
+SWEEP_SECONDS = 1.0
 # next item offset, length, size class
 _ITEM = struct.Struct("<QII")
 
@@ -73,6 +83,7 @@ class ProcessSharedQueues(SharedQueueStore):
         self._sender.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notify: Notify | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self._warned: set[str] = set()
 
     def _address(self, worker: int) -> bytes:
@@ -81,9 +92,10 @@ class ProcessSharedQueues(SharedQueueStore):
 
     # -- wake-ups ---------------------------------------------------------------------------
     def listen(self, loop: asyncio.AbstractEventLoop, notify: Notify) -> None:
-        """Deliver wake-ups sent by other workers to ``notify(owner, token)`` on ``loop``."""
+        """Deliver wake-ups owed by other workers to ``notify(owner, token)`` on ``loop``."""
         self._loop, self._notify = loop, notify
         loop.add_reader(self._socket.fileno(), self._on_readable)
+        self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def _on_readable(self) -> None:
         while True:
@@ -91,31 +103,48 @@ class ProcessSharedQueues(SharedQueueStore):
                 data = self._socket.recv(64)
             except (BlockingIOError, InterruptedError):
                 return
-            if len(data) != _U32.size or self._notify is None:
-                continue
-            (token,) = _U32.unpack(data)
-            with self._owners_lock:
-                owner = self._owners.get(token)
-            if owner is not None:
-                self._notify(owner, token)
+            if len(data) == _U32.size:
+                self._deliver_owed(_U32.unpack(data)[0])
 
-    def _wake(self, worker: int, token: int, notify: Notify) -> None:
-        if worker == self.worker:
-            with self._owners_lock:
-                owner = self._owners.get(token)
-            if owner is not None:
-                notify(owner, token)
-            return
+    def _sweep(self) -> None:
+        """The safety net for a lost datagram: deliver what is owed on this worker's queues."""
+        with self._owners_lock:
+            tokens = list(self._owners)
+        for token in tokens:
+            self._deliver_owed(token)
+        if self._loop is not None:
+            self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _deliver_owed(self, token: int) -> None:
+        store = self.store
+        with store.locked() as mm:
+            record_at = self._record_at(token)
+            if record_at is None:
+                return
+            head, tail, count, owner, owed = _RECORD.unpack_from(mm, record_at)
+            if not owed:
+                return
+            _RECORD.pack_into(mm, record_at, head, tail, count, owner, 0)
+        with self._owners_lock:
+            local = self._owners.get(token)
+        if local is not None and self._notify is not None:
+            for _ in range(owed):
+                self._notify(local, token)
+
+    def _send_wake(self, worker: int, token: int) -> None:
         try:
             self._sender.sendto(_U32.pack(token), self._address(worker))
         except (ConnectionRefusedError, FileNotFoundError):
             log.debug("queue %d: owner worker %d has gone; the item waits", token, worker)
-        except (BlockingIOError, OSError) as exc:
-            self._warn("wake", f"queue wake-up to worker {worker} dropped: {exc}")
+        except OSError as exc:  # its datagram queue is full: the owner's sweep delivers
+            self._warn("wake", f"queue wake-up datagram to worker {worker} not sent ({exc}); "
+                               "the owner's periodic sweep delivers it")
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._socket.fileno())
+            if self._sweeper is not None:
+                self._sweeper.cancel()
         self._socket.close()
         self._sender.close()
 
@@ -130,7 +159,11 @@ class ProcessSharedQueues(SharedQueueStore):
                 record_at = self._record_at(token)
             else:
                 token = self._next_token(mm)
-                record = _RECORD.pack(0, 0, 0, self.worker)
+                if isinstance(token, Status):
+                    self._warn("register", f"queue {name!r} not registered: the shared-data"
+                                           " file is full")
+                    return token
+                record = _RECORD.pack(0, 0, 0, self.worker, 0)
                 for key, value in ((b"T" + _U32.pack(token), record),
                                    (name_key, _U32.pack(token))):
                     status = store.put_locked(_NAMESPACE, key, value)
@@ -140,8 +173,9 @@ class ProcessSharedQueues(SharedQueueStore):
                         return status
                 record_at = self._record_at(token)
             assert record_at is not None
-            head, tail, count, _ = _RECORD.unpack_from(mm, record_at)
-            _RECORD.pack_into(mm, record_at, head, tail, count, self.worker)
+            head, tail, count, _, owed = _RECORD.unpack_from(mm, record_at)
+            # wake-ups owed to the previous owner: this worker's sweep delivers them
+            _RECORD.pack_into(mm, record_at, head, tail, count, self.worker, owed)
         with self._owners_lock:
             self._owners[token] = owner
         return token
@@ -170,14 +204,23 @@ class ProcessSharedQueues(SharedQueueStore):
             offset, klass = block
             _ITEM.pack_into(mm, offset, 0, size, klass)
             mm[offset + _ITEM.size:offset + _ITEM.size + size] = data
-            head, tail, count, owner = _RECORD.unpack_from(mm, record_at)
+            head, tail, count, owner, owed = _RECORD.unpack_from(mm, record_at)
             if tail:
                 mm[tail:tail + 8] = offset.to_bytes(8, "little")
             else:
                 head = offset
-            _RECORD.pack_into(mm, record_at, head, offset, count + 1, owner)
-        if owner >= 0:
-            self._wake(owner, token, notify)
+            remote = owner >= 0 and owner != self.worker
+            if remote:
+                owed += 1
+            _RECORD.pack_into(mm, record_at, head, offset, count + 1, owner, owed)
+        if remote:
+            if owed == 1:  # nothing in flight to the owner yet
+                self._send_wake(owner, token)
+        elif owner == self.worker:
+            with self._owners_lock:
+                local = self._owners.get(token)
+            if local is not None:
+                notify(local, token)
         return Status.OK
 
     def dequeue(self, token: int) -> bytes | Status:
@@ -186,13 +229,16 @@ class ProcessSharedQueues(SharedQueueStore):
             record_at = self._record_at(token)
             if record_at is None:
                 return Status.NOT_FOUND
-            head, tail, count, owner = _RECORD.unpack_from(mm, record_at)
+            head, tail, count, owner, owed = _RECORD.unpack_from(mm, record_at)
             if not head:
                 return Status.EMPTY
             following, size, klass = _ITEM.unpack_from(mm, head)
             item = mm[head + _ITEM.size:head + _ITEM.size + size]
-            _RECORD.pack_into(mm, record_at, following, tail if following else 0,
-                              max(count - 1, 0), owner)
+            if head == tail:  # never follow a link out of the tail (see "Crash safety")
+                _RECORD.pack_into(mm, record_at, 0, 0, 0, owner, owed)
+            else:
+                _RECORD.pack_into(mm, record_at, following, tail, max(count - 1, 0), owner,
+                                  owed)
             store.free_locked(head, klass)
             return item
 
@@ -203,11 +249,11 @@ class ProcessSharedQueues(SharedQueueStore):
             record_at = self._record_at(token)
             if record_at is None:
                 return out
-            at = _RECORD.unpack_from(mm, record_at)[0]
+            at, tail = _RECORD.unpack_from(mm, record_at)[:2]
             while at:
                 following, size, _ = _ITEM.unpack_from(mm, at)
                 out.append(mm[at + _ITEM.size:at + _ITEM.size + size])
-                at = following
+                at = following if at != tail else 0
         return out
 
     # -- helpers (lock held) -----------------------------------------------------------------
@@ -221,13 +267,15 @@ class ProcessSharedQueues(SharedQueueStore):
             record_at = self._records[token] = found[0]
         return record_at
 
-    def _next_token(self, mm: mmap.mmap) -> int:
+    def _next_token(self, mm: mmap.mmap) -> int | Status:
         store = self.store
         found = store.value_at_locked(_NAMESPACE, b"next")
         token = 1 if found is None else _U32.unpack_from(mm, found[0])[0]
         following = (token + 1) & 0xFFFFFFFF or 1
         if found is None:
-            store.put_locked(_NAMESPACE, b"next", _U32.pack(following))
+            status = store.put_locked(_NAMESPACE, b"next", _U32.pack(following))
+            if status != Status.OK:
+                return status
         else:
             _U32.pack_into(mm, found[0], following)
         return token
