@@ -171,6 +171,15 @@ class _Loading:
             self._error(file, index, ident, (*at, "kind"), reason, _line_of(node, (*at, "kind")))
             return
         expected, model = _KINDS[kind]
+        if isinstance(api_version, str) and api_version.partition("/")[0] != \
+                expected.partition("/")[0]:
+            # another API's kind of the same name (Istio's networking.istio.io Gateway): not
+            # ours, skipped like an unknown kind, and reported under its full name
+            where = (*at, "apiVersion")
+            reason = f"{api_version} {kind} is not a wasmgate resource (skipped)"
+            self._error(file, index, (f"{api_version}/{kind}", ident[1]), where, reason,
+                        _line_of(node, where))
+            return
         if api_version != expected:
             where = (*at, "apiVersion")
             reason = f"{kind} needs apiVersion {expected}, not {api_version!r}"

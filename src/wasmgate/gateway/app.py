@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 
 from ..api.gateway import Gateway, GatewayMeta, GatewaySpec, redact_url
-from ..api.loading import config_files, load_paths
+from ..api.loading import LoadResult, config_files, load_paths
 from ..api.ordering import select_for_gateway
 from ..chain import FilterChain
 from ..fetch.cache import ModuleCache
@@ -76,21 +76,16 @@ class GatewayApp:
         self._mtimes: dict[Path, float] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._generation = 0
+        self._invalid_plugins: set[str] = set()  # namespace/name of WasmPlugins that failed
         self._stopping = asyncio.Event()
         self.plugins: PluginManager = None  # type: ignore[assignment]
 
     # -- configuration -----------------------------------------------------------------------
     def _load(self) -> tuple[Gateway, list[object]]:
-        result = load_paths(self.config_paths)
+        result = load_config(self.config_paths)
         errors = [str(e) for e in result.errors]
-        # A bad WasmPlugin is left out and the others run, as in Istio. A bad Gateway document
-        # (or a file that did not parse, which may hold it) is not replaced by a default one:
-        # that would drop every route and listener setting. Startup refuses; a reload keeps
-        # the running configuration.
-        fatal = [e for e in result.errors
-                 if e.kind == "Gateway" or (e.kind is None and e.document_index is None)]
-        if fatal or (errors and not (result.plugins or result.gateways)):
-            raise ConfigInvalid("\n".join(errors))
+        self._invalid_plugins = {e.name for e in result.errors
+                                 if e.kind == "WasmPlugin" and e.name}
         self.config_errors = errors
         for error in errors:
             log.error("config: %s", error)
@@ -195,6 +190,7 @@ class GatewayApp:
         if self.gateway is not None and gateway.spec.shared_data != self.gateway.spec.shared_data:
             log.warning("spec.sharedData changed: it takes effect at restart; plugins keep "
                         "the shared data store they started with")
+        resources += self._still_running(resources)
         candidates = self.plugins.prepare(self._select(gateway, resources))  # type: ignore
         await self.plugins.settle(candidates, timeout=120)
         chosen = self.plugins.commit(candidates)
@@ -207,6 +203,20 @@ class GatewayApp:
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True
+
+    def _still_running(self, resources: list[object]) -> list[object]:
+        """Running plugins whose document is now invalid keep running in their last valid
+        version (as Istio's API server keeps the stored object when an update is rejected),
+        rather than silently leaving the chain: that could open a route an auth plugin
+        guarded."""
+        present = {f"{r.namespace}/{r.name}" for r in resources}  # type: ignore[attr-defined]
+        kept = []
+        for managed in self.plugins.managed.values():
+            key = f"{managed.resource.namespace}/{managed.resource.name}"
+            if key in self._invalid_plugins and key not in present:
+                log.warning("WasmPlugin %s is invalid now: its running version stays", key)
+                kept.append(managed.resource)
+        return kept
 
     def _remember_mtimes(self) -> None:
         self._mtimes = _mtimes(self.config_paths)
@@ -318,6 +328,22 @@ class GatewayApp:
     def prometheus_lines(self) -> list[str]:
         """This process's /stats/prometheus (worker 0's admin combines every worker's)."""
         return self.admin.prometheus_lines()
+
+
+def load_config(paths: list[Path]) -> LoadResult:
+    """The configuration, or ConfigInvalid when it cannot be used as a whole.
+
+    A bad WasmPlugin is left out and the others run, as in Istio (a reload keeps its running
+    version). A bad Gateway document, or a document that did not parse (it may be the
+    Gateway), is not replaced by a default Gateway: that would drop every route and listener
+    setting. Startup refuses; a reload keeps the running configuration. Documents of other
+    kinds or APIs (Istio's own Gateway, a Service...) are reported and skipped.
+    """
+    result = load_paths(paths)
+    fatal = [e for e in result.errors if e.kind in (None, "Gateway")]
+    if fatal or (result.errors and not (result.plugins or result.gateways)):
+        raise ConfigInvalid("\n".join(str(e) for e in result.errors))
+    return result
 
 
 def _now() -> float:

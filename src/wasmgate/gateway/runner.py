@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .app import ConfigInvalid, GatewayApp
+from .app import ConfigInvalid, GatewayApp, load_config
 from .shared_metrics import ProcessMetricStore
 from .shared_queues import ProcessSharedQueues
 from .shared_store import ProcessSharedData
@@ -65,7 +65,14 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
     queues = ProcessSharedQueues(shared_data, index)
     app = GatewayApp(configs, reuse_port=True, shared_data=shared_data, shared_queues=queues,
                      metric_store=metrics, worker=index, **options)  # type: ignore[arg-type]
-    asyncio.run(_serve(app))
+    try:
+        asyncio.run(_serve(app))
+    except ConfigInvalid as exc:  # changed between the parent's check and this worker's load
+        logging.getLogger("wasmgate").error("invalid configuration:\n%s", exc)
+        sys.exit(2)
+    except OSError as exc:
+        logging.getLogger("wasmgate").error("cannot start: %s", exc)
+        sys.exit(1)
 
 
 def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
@@ -87,6 +94,11 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
             logging.getLogger("wasmgate").error("cannot start: %s", exc)
             return 1
         return 0
+    try:  # once, here, rather than N tracebacks from N workers
+        load_config(configs)
+    except ConfigInvalid as exc:
+        logging.getLogger("wasmgate").error("invalid configuration:\n%s", exc)
+        return 2
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
                "access_log": access_log, "cache_dir": cache_dir, "ca_file": ca_file}
     context = multiprocessing.get_context("spawn")

@@ -201,3 +201,23 @@ def test_raise_for_errors() -> None:
 
 def test_load_result_without_gateway() -> None:
     assert load_docs(plugin_doc()).gateway is None
+
+
+def test_a_same_named_kind_of_another_api_is_skipped_not_ours() -> None:
+    text = """apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: ingress}
+spec: {selector: {istio: ingressgateway}}
+---
+apiVersion: wasmgate.io/v1beta9
+kind: Gateway
+metadata: {name: ours}
+"""
+    errors = load_text(text, "f.yaml").errors
+    assert [str(e) for e in errors] == [
+        "f.yaml: document 1 (networking.istio.io/v1beta1/Gateway ingress): apiVersion: "
+        "networking.istio.io/v1beta1 Gateway is not a wasmgate resource (skipped) (line 1)",
+        "f.yaml: document 2 (Gateway ours): apiVersion: Gateway needs apiVersion "
+        "wasmgate.io/v1alpha1, not 'wasmgate.io/v1beta9' (line 6)",
+    ]
+    assert [e.kind for e in errors] == ["networking.istio.io/v1beta1/Gateway", "Gateway"]
