@@ -420,6 +420,19 @@ def test_url_forms() -> None:
         False, "cache", 6379, None, None, 0, "wasmgate:shared:", 250)
     assert redact_url("redis://me:p@ss@h:1/2?prefix=a@b") == "redis://me:[redacted]@h:1/2?prefix=a@b"
     assert redact_url("redis://h/2?prefix=a:b@c") == "redis://h/2?prefix=a:b@c"
+    # raw / ? # @ in the password (an invalid URL, but it is echoed in errors)
+    assert redact_url("redis://:s3cr/et@10.0.0.1:6379/0") == "redis://:[redacted]@10.0.0.1:6379/0"
+    assert redact_url("redis://u:pa?ss@h:1/0") == "redis://u:[redacted]@h:1/0"
+    assert redact_url("redis://u:pa#ss@h") == "redis://u:[redacted]@h"
+    assert redact_url("redis://user@h:1") == "redis://user@h:1"
+
+
+def test_an_invalid_url_never_echoes_its_password() -> None:
+    for url in ("redis://:s3cr/et@10.0.0.1:6379/0", "redis://:s3cr?et@10.0.0.1:notaport/0",
+                "redis://:s3cr#et@/0"):
+        with pytest.raises(ValueError) as caught:
+            parse_shared_data_url(url)
+        assert "s3cr" not in str(caught.value) and "[redacted]" in str(caught.value)
 
 
 def test_gateway_document_keeps_the_url() -> None:

@@ -122,13 +122,20 @@ def parse_shared_data_url(text: str) -> SharedDataURL:
 
 
 def redact_url(text: str) -> str:
-    """The URL with any password replaced by ``[redacted]``."""
+    """The URL with any password replaced by ``[redacted]``, also when the password holds raw
+    ``/ ? # @`` (an invalid URL is still echoed in errors): better to redact too much."""
     scheme, sep, rest = text.partition("://")
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    userinfo, at, hostport = rest[:end].rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not sep:
         return text
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:[redacted]@{hostport}{rest[end:]}"
+    query = min((i for i in map(rest.find, "?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, query)
+    if at < 0:
+        at = rest.rfind("@")  # a raw '?' or '#' in the password
+    userinfo = rest[:at] if at >= 0 else ""
+    colon = userinfo.find(":")
+    if colon < 0 or "/" in userinfo[:colon]:
+        return text
+    return f"{scheme}://{userinfo[:colon]}:[redacted]@{rest[at + 1:]}"
 
 
 def _check_shared_data(text: str) -> str:
