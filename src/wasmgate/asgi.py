@@ -157,6 +157,20 @@ class _Entry:
     build: Callable[[Host, Limits], Plugin]  # runs in a worker thread
 
 
+def _started(plugin: Plugin) -> Plugin:
+    """Start it; one that fails to start has what it started stopped and its VM closed."""
+    try:
+        plugin.start()
+    except BaseException:
+        try:
+            plugin.host.stop_plugin(plugin)
+            plugin.close()
+        except Exception as exc:  # the start failure is what to report
+            log.warning("plugin %s: error while closing: %s", plugin.describe(), exc)
+        raise
+    return plugin
+
+
 def _spec_entry(spec: PluginSpec) -> _Entry:
     def build(host: Host, limits: Limits) -> Plugin:
         module = PluginModule.load(spec.path)
@@ -165,9 +179,7 @@ def _spec_entry(spec: PluginSpec) -> _Entry:
                               vm_configuration=spec.vm_config, env=dict(spec.env),
                               limits=limits,
                               allow_on_headers_stop_iteration=spec.allow_on_headers_stop_iteration)
-        plugin = Plugin(module, config, host)
-        plugin.start()
-        return plugin
+        return _started(Plugin(module, config, host))
 
     return _Entry(spec.plugin_name, FailStrategy(str(getattr(spec.fail_strategy, "value",
                                                               spec.fail_strategy))), build)
@@ -180,9 +192,7 @@ def _resource_entry(resource: WasmPlugin) -> _Entry:
         config = PluginConfig(name=resource.filter_name, root_id=resource.root_id,
                               configuration=resource.plugin_configuration_bytes(),
                               env=resource.effective_env(os.environ), limits=limits)
-        plugin = Plugin(module, config, host)
-        plugin.start()
-        return plugin
+        return _started(Plugin(module, config, host))
 
     return _Entry(resource.filter_name, FailStrategy(str(resource.spec.fail_strategy)), build)
 
@@ -279,6 +289,8 @@ class WasmPluginMiddleware:
             return
         plugin = future.result()
         if self._closed:
+            if self.host is not None:
+                self.host.stop_plugin(plugin)
             plugin.close()
             return
         self.slots[index] = PluginSlot(name, self.entries[index].fail_strategy, plugin)

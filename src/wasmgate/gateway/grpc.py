@@ -36,10 +36,12 @@ import grpc.aio
 
 from ..runtime.host import GrpcCallRequest, Pairs
 from ..runtime.plugin import Plugin
+from ..runtime.vm import WasmVM
 
 log = logging.getLogger("wasmgate.gateway.grpc")
 
-Deliver = Callable[[Plugin, Callable[[], None]], None]
+Deliver = Callable[[Plugin, WasmVM | None, Callable[[], None]], None]
+"""(plugin, issuing VM, callback): runs the callback unless that VM is no longer the plugin's."""
 
 UNKNOWN = 2
 UNAVAILABLE = 14
@@ -132,6 +134,7 @@ def _pairs(metadata: object) -> list[tuple[bytes, bytes]]:
 @dataclass
 class _Call:
     plugin: Plugin
+    vm: WasmVM | None  # the VM that made it (a restarted plugin's fresh VM reuses tokens)
     token: int
     streaming: bool
     task: asyncio.Task[None] | None = None
@@ -149,6 +152,7 @@ class GrpcCalls:
         self.deliver = deliver
         self.channels: dict[tuple[str, int, bool], grpc.aio.Channel] = {}
         self.calls: dict[tuple[int, int], _Call] = {}
+        """Open calls by (id of the issuing VM, token); the _Call keeps that VM alive."""
 
     def _channel(self, host: str, port: int, tls: bool) -> grpc.aio.Channel:
         key = (host, port, tls)
@@ -160,10 +164,11 @@ class GrpcCalls:
             self.channels[key] = channel
         return channel
 
-    def start(self, plugin: Plugin, request: GrpcCallRequest, host: str, port: int, tls: bool,
-              timeout: float | None) -> None:
-        call = _Call(plugin, request.token, request.streaming)
-        self.calls[(id(plugin), request.token)] = call
+    def start(self, plugin: Plugin, vm: WasmVM | None, request: GrpcCallRequest, host: str,
+              port: int, tls: bool, timeout: float | None) -> None:
+        call = _Call(plugin, vm, request.token, request.streaming)
+        self.cancel(vm, request.token)  # never leave an older call under the same key running
+        self.calls[(id(vm), request.token)] = call
         path = f"/{request.service_name}/{request.method}"
         metadata = outgoing_metadata(request.initial_metadata)
         try:
@@ -184,8 +189,8 @@ class GrpcCalls:
             return
 
     # -- from the plugin --------------------------------------------------------------------
-    def send(self, plugin: Plugin, token: int, message: bytes, end_stream: bool) -> None:
-        call = self.calls.get((id(plugin), token))
+    def send(self, vm: WasmVM | None, token: int, message: bytes, end_stream: bool) -> None:
+        call = self.calls.get((id(vm), token))
         if call is None or call.half_closed or not call.streaming:
             return
         call.outbox.put_nowait(bytes(message))
@@ -193,8 +198,8 @@ class GrpcCalls:
             call.half_closed = True
             call.outbox.put_nowait(_END)
 
-    def cancel(self, plugin: Plugin, token: int) -> None:
-        call = self.calls.pop((id(plugin), token), None)
+    def cancel(self, vm: WasmVM | None, token: int) -> None:
+        call = self.calls.pop((id(vm), token), None)
         if call is None:
             return
         call.cancelled = True
@@ -206,17 +211,17 @@ class GrpcCalls:
     def cancel_all(self, plugin: Plugin) -> int:
         """Cancel every call the plugin still has open (it is being stopped): the servers see
         the streams end, and nothing more is delivered. Returns how many were cancelled."""
-        tokens = [token for (owner, token) in self.calls if owner == id(plugin)]
-        for token in tokens:
-            self.cancel(plugin, token)
-        return len(tokens)
+        calls = [call for call in self.calls.values() if call.plugin is plugin]
+        for call in calls:
+            self.cancel(call.vm, call.token)
+        return len(calls)
 
-    def close(self, plugin: Plugin, token: int) -> None:
-        call = self.calls.get((id(plugin), token))
+    def close(self, vm: WasmVM | None, token: int) -> None:
+        call = self.calls.get((id(vm), token))
         if call is None:
             return
         if not call.streaming:  # Envoy: closing a unary call cancels it
-            self.cancel(plugin, token)
+            self.cancel(vm, token)
         elif not call.half_closed:
             call.half_closed = True
             call.outbox.put_nowait(_END)
@@ -224,14 +229,14 @@ class GrpcCalls:
     # -- into the plugin --------------------------------------------------------------------
     def _emit(self, call: _Call, action: Callable[[], None]) -> None:
         if not call.cancelled:
-            self.deliver(call.plugin, action)
+            self.deliver(call.plugin, call.vm, action)
 
     def _close(self, call: _Call, status: int, message: bytes) -> None:
-        if call.cancelled or self.calls.get((id(call.plugin), call.token)) is not call:
+        if call.cancelled or self.calls.get((id(call.vm), call.token)) is not call:
             return
-        del self.calls[(id(call.plugin), call.token)]
-        self.deliver(call.plugin, lambda: call.plugin.deliver_grpc_close(call.token, status,
-                                                                          message))
+        del self.calls[(id(call.vm), call.token)]
+        self.deliver(call.plugin, call.vm, lambda: call.plugin.deliver_grpc_close(
+            call.token, status, message))
 
     async def _unary(self, call: _Call) -> None:
         assert call.rpc is not None
@@ -242,13 +247,12 @@ class GrpcCalls:
             return
         except asyncio.CancelledError:
             return
-        if call.cancelled or self.calls.pop((id(call.plugin), call.token), None) is not call:
+        if call.cancelled or self.calls.pop((id(call.vm), call.token), None) is not call:
             return
-        self.deliver(call.plugin, lambda: call.plugin.deliver_grpc_message(
+        self.deliver(call.plugin, call.vm, lambda: call.plugin.deliver_grpc_message(
             call.token, bytes(response or b"")))
-        vm = call.plugin.vm
-        if vm is not None:
-            vm.grpc_tokens.discard(call.token)  # a call's response spends its token (Envoy)
+        if call.vm is not None:
+            call.vm.grpc_tokens.discard(call.token)  # a call's response spends its token (Envoy)
 
     async def _writer(self, call: _Call) -> None:
         rpc = call.rpc
@@ -294,9 +298,8 @@ class GrpcCalls:
         self._close(call, code.value[0], (details or "").encode())
 
     async def aclose(self) -> None:
-        for key in list(self.calls):
-            call = self.calls[key]
-            self.cancel(call.plugin, call.token)
+        for call in list(self.calls.values()):
+            self.cancel(call.vm, call.token)
         for channel in self.channels.values():
             await channel.close()
         self.channels.clear()

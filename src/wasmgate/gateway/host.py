@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,6 +32,7 @@ from ..runtime.host import (
 from ..runtime.metrics import MetricStore
 from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
+from ..runtime.vm import WasmVM
 from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
 from .redis import RedisError, RedisPools, RedisTarget, database_of
 from .upstream import BufferedResponse, Endpoint, UpstreamPools
@@ -46,6 +49,20 @@ RedisResolver = Callable[[str], "Redis | tuple[str, int] | None"]
 REDIS_NETWORK_ERROR = 1
 """proxy_on_redis_call_response status for a failed call (Higress RedisStatus::NetworkError)."""
 UPSTREAM_TIMEOUT = b"upstream request timeout"
+NO_HEALTHY_UPSTREAM = b"no healthy upstream"
+CONNECT_TIMEOUT = 5.0
+"""The connect timeout for a `host:port` upstream (a cluster has its own, 5 s by default); the
+call's own timeout covers connecting and the response together."""
+
+
+def _transport_failure(exc: OSError) -> str:
+    """Envoy's transport failure reason for a connect that failed: the errno's text for a
+    socket error (asyncio's own text is "Connect call failed (addr)"), the reason for TLS."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS_error:{exc.reason or exc}"
+    if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        return f"delayed connect error: {os.strerror(exc.errno)}"
+    return f"delayed connect error: {exc.strerror or exc}"
 
 
 def _reset_body(reason: str, transport: str = "") -> bytes:
@@ -108,8 +125,12 @@ class GatewayHost(Host):
             self._arm_tick(plugin, plugin.root.tick_period_ms)
 
     def stop_plugin(self, plugin: Plugin) -> None:
-        """The plugin is being closed (reload, removal, shutdown): stop its tick and cancel its
-        open gRPC calls. http and redis calls in flight finish and are dropped on delivery."""
+        """The plugin is being closed (reload, removal, shutdown) or restarted on a fresh VM
+        (FAIL_RELOAD): stop its tick and cancel its open gRPC calls. http and redis calls in
+        flight finish and are dropped on delivery (they belong to a VM that is gone)."""
+        self._on_loop(lambda: self._stop(plugin))
+
+    def _stop(self, plugin: Plugin) -> None:
         timer = self._timers.pop(id(plugin), None)
         if timer is not None:
             timer.cancel()
@@ -137,34 +158,43 @@ class GatewayHost(Host):
             raise UnknownUpstream(request.upstream)
         if isinstance(target, tuple):
             endpoint, timeout_default = Endpoint(target[0], target[1]), 15.0
+            connect_timeout = CONNECT_TIMEOUT
         else:
             first = target.targets()[0]
             endpoint = Endpoint(first.host, first.port, first.tls)
             timeout_default = target.timeout_ms / 1000
+            connect_timeout = target.connect_timeout_ms / 1000
         timeout = request.timeout_ms / 1000 if request.timeout_ms else timeout_default
+        vm = plugin.vm  # the issuing VM: a restarted plugin's fresh VM never sees the result
         self._on_loop(lambda: self.loop.create_task(
-            self._http_call(plugin, request, endpoint, timeout)))
+            self._http_call(plugin, vm, request, endpoint, timeout, connect_timeout)))
 
-    async def _http_call(self, plugin: Plugin, request: HttpCallRequest, endpoint: Endpoint,
-                         timeout: float) -> None:
+    async def _http_call(self, plugin: Plugin, vm: WasmVM | None, request: HttpCallRequest,
+                         endpoint: Endpoint, timeout: float,
+                         connect_timeout: float = CONNECT_TIMEOUT) -> None:
         """Envoy's async client runs the router: failing before any response header arrived, the
         call gets the router's local reply as a response (503 ``upstream connect error ...`` for
         connect failures and resets, 502 for a protocol error, 504 ``upstream request timeout``);
-        only a stream reset after the headers is a failure, (0, 0, 0) with status 11 reset."""
+        only a stream reset after the headers is a failure, (0, 0, 0) with status 11 reset.
+        `timeout` covers connecting and the response together, as Envoy's does. A host name
+        that does not resolve is Envoy's STRICT_DNS cluster without hosts: 503 ``no healthy
+        upstream``."""
+        deadline = self.loop.time() + timeout
         done: asyncio.Future[BufferedResponse] = self.loop.create_future()
         sink = BufferedResponse(lambda r: done.done() or done.set_result(r))
         try:
-            connection = await self.pools.pool(endpoint).acquire(min(timeout, 5.0))
+            connection = await self.pools.pool(endpoint).acquire(min(timeout, connect_timeout))
         except (OSError, TimeoutError) as exc:
             log.debug("http_call to %s: connect failed: %s", endpoint, exc)
             if isinstance(exc, TimeoutError):
-                reply = ((504, UPSTREAM_TIMEOUT) if timeout <= 5.0
+                reply = ((504, UPSTREAM_TIMEOUT) if timeout <= connect_timeout
                          else (503, _reset_body("connection timeout")))
+            elif isinstance(exc, socket.gaierror):
+                reply = (503, NO_HEALTHY_UPSTREAM)
             else:
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
                 reply = (503, _reset_body("remote connection failure",
-                                          f"delayed connect error: {why}"))
-            self._deliver_router_reply(plugin, request.token, *reply)
+                                          _transport_failure(exc)))
+            self._deliver_router_reply(plugin, vm, request.token, *reply)
             return
         try:
             headers = request.headers
@@ -176,46 +206,55 @@ class GatewayHost(Host):
             connection.start(sink, request_head(method, path, out), method == b"HEAD")
             if request.body:
                 connection.write(framing.encode(request.body, True))
-            response = await asyncio.wait_for(done, timeout)
+            response = await asyncio.wait_for(done, max(deadline - self.loop.time(), 0))
         except (OSError, TimeoutError) as exc:
             connection.abandon()
             log.debug("http_call to %s failed: %s", endpoint, exc)
             if sink.status:  # headers seen: Envoy resets the stream
-                self._deliver_failure(plugin, request.token)
+                self._deliver_failure(plugin, vm, request.token)
             elif isinstance(exc, TimeoutError):
-                self._deliver_router_reply(plugin, request.token, 504, UPSTREAM_TIMEOUT)
+                self._deliver_router_reply(plugin, vm, request.token, 504, UPSTREAM_TIMEOUT)
             else:
-                self._deliver_router_reply(plugin, request.token, 503,
+                self._deliver_router_reply(plugin, vm, request.token, 503,
                                            _reset_body("connection termination"))
             return
         if response.error is not None:
             log.debug("http_call to %s failed: %s", endpoint, response.error)
             if response.status:
-                self._deliver_failure(plugin, request.token)
+                self._deliver_failure(plugin, vm, request.token)
             else:  # e.g. upstream_reset_before_response_started{connection_termination}
                 protocol = response.error.startswith("upstream_protocol_error")
                 reason = "protocol error" if protocol else (
                     response.error.partition("{")[2].rstrip("}").replace("_", " ")
                     or "connection termination")
-                self._deliver_router_reply(plugin, request.token, 502 if protocol else 503,
-                                           _reset_body(reason))
+                self._deliver_router_reply(plugin, vm, request.token,
+                                           502 if protocol else 503, _reset_body(reason))
             return
         pairs = [(b":status", str(response.status).encode()), *response.headers]
-        self._deliver(plugin, lambda: plugin.deliver_http_call_response(
+        self._deliver(plugin, vm, lambda: plugin.deliver_http_call_response(
             request.token, pairs, bytes(response.body), response.trailers))
 
-    def _deliver_failure(self, plugin: Plugin, token: int) -> None:
-        self._deliver(plugin, lambda: plugin.deliver_http_call_failure(token))
+    def _deliver_failure(self, plugin: Plugin, vm: WasmVM | None, token: int) -> None:
+        self._deliver(plugin, vm, lambda: plugin.deliver_http_call_failure(token))
 
-    def _deliver_router_reply(self, plugin: Plugin, token: int, status: int,
+    def _deliver_router_reply(self, plugin: Plugin, vm: WasmVM | None, token: int, status: int,
                               body: bytes) -> None:
         """The response Envoy's router makes itself when the call never got one."""
         pairs = [(b":status", str(status).encode()), (b"content-length", str(len(body)).encode()),
                  (b"content-type", b"text/plain")]
-        self._deliver(plugin, lambda: plugin.deliver_http_call_response(token, pairs, body, []))
+        self._deliver(plugin, vm, lambda: plugin.deliver_http_call_response(
+            token, pairs, body, []))
 
-    def _deliver(self, plugin: Plugin, action: Callable[[], None]) -> None:
-        if plugin.vm is None or plugin.failed:
+    def _deliver(self, plugin: Plugin, vm: WasmVM | None, action: Callable[[], None]) -> None:
+        """Run a result's callback, unless the VM that made the call is gone: a plugin that
+        was stopped, crashed, or restarted on a fresh VM (whose tokens start again at 1, so an
+        old result would reach the new VM under a token it has just issued)."""
+        current = plugin.vm
+        if current is not vm:
+            if current is not None:
+                log.debug("%s: a result for its previous VM dropped", plugin.describe())
+            return
+        if current is None or plugin.failed:
             return
         try:
             action()
@@ -247,24 +286,25 @@ class GatewayHost(Host):
         if not isinstance(known, tuple):  # called without redis_init: defaults
             known = self._redis_target(request.cluster, "", "", 0)
         target, timeout = known
-        self._on_loop(lambda: self._start_redis_call(plugin, request, target, timeout))
+        vm = plugin.vm  # the issuing VM (see _deliver)
+        self._on_loop(lambda: self._start_redis_call(plugin, vm, request, target, timeout))
 
-    def _start_redis_call(self, plugin: Plugin, request: RedisCallRequest, target: RedisTarget,
-                          timeout: float) -> None:
-        task = self.loop.create_task(self._redis_call(plugin, request, target, timeout))
+    def _start_redis_call(self, plugin: Plugin, vm: WasmVM | None, request: RedisCallRequest,
+                          target: RedisTarget, timeout: float) -> None:
+        task = self.loop.create_task(self._redis_call(plugin, vm, request, target, timeout))
         self._redis_tasks.add(task)
         task.add_done_callback(self._redis_tasks.discard)
 
-    async def _redis_call(self, plugin: Plugin, request: RedisCallRequest, target: RedisTarget,
-                          timeout: float) -> None:
+    async def _redis_call(self, plugin: Plugin, vm: WasmVM | None, request: RedisCallRequest,
+                          target: RedisTarget, timeout: float) -> None:
         try:
             reply = await self.redis_pools.call(target, request.query, timeout)
         except RedisError as exc:
             log.debug("redis_call to %s:%d failed: %s", target.host, target.port, exc)
-            self._deliver(plugin, lambda: plugin.deliver_redis_response(
+            self._deliver(plugin, vm, lambda: plugin.deliver_redis_response(
                 request.token, REDIS_NETWORK_ERROR))
             return
-        self._deliver(plugin, lambda: plugin.deliver_redis_response(request.token, 0, reply))
+        self._deliver(plugin, vm, lambda: plugin.deliver_redis_response(request.token, 0, reply))
 
     # -- gRPC (grpc.aio; see gateway/grpc.py) --------------------------------------------------
     def _grpc_calls(self) -> GrpcCalls:
@@ -287,13 +327,18 @@ class GatewayHost(Host):
             timeout_default = target.timeout_ms / 1000
         timeout: float | None = request.timeout_ms / 1000 if request.timeout_ms > 0 else (
             None if request.streaming else timeout_default)
-        self._on_loop(lambda: self._grpc_calls().start(plugin, request, host, port, tls, timeout))
+        vm = plugin.vm  # gRPC calls are keyed by the issuing VM (tokens restart per VM)
+        self._on_loop(lambda: self._grpc_calls().start(plugin, vm, request, host, port, tls,
+                                                       timeout))
 
     def grpc_send(self, plugin: Plugin, token: int, message: bytes, end_stream: bool) -> None:
-        self._on_loop(lambda: self._grpc_calls().send(plugin, token, message, end_stream))
+        vm = plugin.vm
+        self._on_loop(lambda: self._grpc_calls().send(vm, token, message, end_stream))
 
     def grpc_cancel(self, plugin: Plugin, token: int) -> None:
-        self._on_loop(lambda: self._grpc_calls().cancel(plugin, token))
+        vm = plugin.vm
+        self._on_loop(lambda: self._grpc_calls().cancel(vm, token))
 
     def grpc_close(self, plugin: Plugin, token: int) -> None:
-        self._on_loop(lambda: self._grpc_calls().close(plugin, token))
+        vm = plugin.vm
+        self._on_loop(lambda: self._grpc_calls().close(vm, token))

@@ -127,15 +127,28 @@ class PluginManager:
                               log_level=managed.log_level, limits=self.limits,
                               properties=dict(self.properties))
         plugin = Plugin(module, config, self.host)
-        plugin.start()
+        try:
+            plugin.start()
+        except BaseException:
+            self._discard(plugin)  # what on_vm_start / on_configure started, and the VM
+            raise
         return plugin
+
+    def _discard(self, plugin: Plugin) -> None:
+        """Drop a plugin that will never serve: stop its outbound work (tick, gRPC calls; the
+        host does that on the loop) and close its VM. Any thread."""
+        try:
+            self.host.stop_plugin(plugin)
+            plugin.close()
+        except Exception as exc:  # closing must never take the gateway down
+            log.warning("plugin %s: error while closing: %s", plugin.describe(), exc)
 
     def _loaded(self, managed: ManagedSlot, future: asyncio.Future[Plugin]) -> None:
         if future.cancelled():
             return
         exc = future.exception()
         if exc is None and managed.retired:  # replaced while loading: never used
-            future.result().close()
+            self._discard(future.result())
             return
         if exc is None:
             managed.slot.plugin = future.result()

@@ -114,6 +114,11 @@ class Host:
         return time.monotonic_ns()
 
     # -- outbound work (override in embedders) ---------------------------------------------
+    def stop_plugin(self, plugin: Plugin) -> None:
+        """The plugin's VM is going away (close, or `Plugin.restart` on a fresh VM): stop its
+        tick and cancel its outbound calls; nothing of that VM's may be delivered later (as
+        Envoy cancels a destroyed context's calls)."""
+
     def set_tick_period(self, plugin: Plugin, period_ms: int) -> None:
         """The plugin wants `on_tick` every `period_ms` (0 = stop)."""
 

@@ -152,7 +152,10 @@ class Plugin:
                                         "false (configuration rejected)")
 
     def restart(self) -> None:
-        """A fresh VM from the same compiled module (FAIL_RELOAD), started again."""
+        """A fresh VM from the same compiled module (FAIL_RELOAD), started again. The host
+        first stops the old VM's outbound work (tick, calls): its tokens are reused by the
+        fresh VM."""
+        self.host.stop_plugin(self)
         if self.vm is not None:
             self.vm.close()
         self.failure = None

@@ -99,6 +99,14 @@ class Emulator(Host):
     def set_tick_period(self, plugin: Plugin, period_ms: int) -> None:
         self.tick_period_ms = period_ms
 
+    def stop_plugin(self, plugin: Plugin) -> None:
+        """The VM goes away (restart): its tick stops and its pending calls are cancelled, as
+        Envoy cancels them (the fresh VM reuses their tokens)."""
+        self.tick_period_ms = 0
+        self.http_calls.clear()
+        self.grpc_calls.clear()
+        self.redis_calls.clear()
+
     def _known(self, upstream: str) -> bool:
         return self.upstreams is None or upstream in self.upstreams
 

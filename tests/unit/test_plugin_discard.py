@@ -1,0 +1,149 @@
+"""A plugin dropped before it serves, or restarted on a fresh VM, has its outbound work stopped
+(`host.stop_plugin`) and its VM closed: the gateway's PluginManager (a start that fails, a
+plugin replaced while it was loading) and `Plugin.restart` (FAIL_RELOAD)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from wasmgate import asgi
+from wasmgate.api.loading import load_text
+from wasmgate.api.resources import WasmPlugin
+from wasmgate.fetch.cache import ModuleCache
+from wasmgate.fetch.fetcher import ModuleFetcher
+from wasmgate.gateway import plugins as gateway_plugins
+from wasmgate.gateway.host import GatewayHost
+from wasmgate.gateway.plugins import PluginManager
+from wasmgate.gateway.upstream import UpstreamPools
+from wasmgate.runtime.errors import RuntimeFailure
+from wasmgate.runtime.host import Host
+from wasmgate.runtime.module import PluginModule
+from wasmgate.runtime.plugin import Plugin, PluginConfig
+from wasmgate.runtime.vm import Limits
+from wasmgate.testing import Emulator
+
+from ..conftest import CONFORMANCE
+
+TICK = "configure set_tick_period_milliseconds 60000"  # armed, and never fires in a test
+
+
+def resource(steps: list[str]) -> WasmPlugin:
+    text = (f"apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\n"
+            f"metadata: {{name: p, namespace: default}}\nspec:\n  url: file://{CONFORMANCE}\n"
+            f"  pluginConfig: {json.dumps({'steps': steps})}\n")
+    [plugin] = load_text(text).plugins
+    return plugin
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Plugin]:
+    """Every Plugin the PluginManager (or the ASGI middleware) builds."""
+    built: list[Plugin] = []
+
+    class Recorded(Plugin):
+        def start(self) -> None:
+            built.append(self)
+            super().start()
+
+    monkeypatch.setattr(gateway_plugins, "Plugin", Recorded)
+    monkeypatch.setattr(asgi, "Plugin", Recorded)
+    return built
+
+
+def manager(tmp_path: Path) -> tuple[PluginManager, GatewayHost]:
+    host = GatewayHost(asyncio.get_running_loop(), UpstreamPools(), lambda name: None)
+    return PluginManager(host, fetcher=ModuleFetcher(ModuleCache(tmp_path))), host
+
+
+async def until(check, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+
+
+def test_a_plugin_that_fails_to_start_is_stopped_and_closed(tmp_path: Path,
+                                                            started: list[Plugin]) -> None:
+    async def run() -> None:
+        plugins, host = manager(tmp_path)
+        [managed] = plugins.prepare([resource([TICK, "configure return 0"])])
+        await asyncio.wait_for(managed.ready, 20)
+        await asyncio.sleep(0)  # the stop hops onto the loop
+        assert managed.slot.error and "configuration rejected" in managed.slot.error
+        [plugin] = started
+        assert plugin.vm is None, "the VM of a plugin that failed to start was left open"
+        assert id(plugin) not in host._timers, "its tick is still armed"
+        plugins.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_plugin_replaced_while_loading_is_stopped_and_closed(tmp_path: Path,
+                                                               started: list[Plugin]) -> None:
+    async def run() -> None:
+        plugins, host = manager(tmp_path)
+        [first] = plugins.prepare([resource([TICK])])
+        plugins.install([first])
+        [second] = plugins.prepare([resource([TICK, "configure get_log_level"])])
+        plugins.install([second])  # the first is retired before it finished loading
+        await asyncio.wait_for(second.ready, 20)
+        await until(lambda: len(started) == 2 and all(
+            p.vm is None for p in started if p is not second.slot.plugin))
+        [old] = [p for p in started if p is not second.slot.plugin]
+        assert id(old) not in host._timers, "the replaced plugin's tick is still armed"
+        assert id(second.slot.plugin) in host._timers  # the one in use keeps its own
+        plugins.shutdown()
+
+    asyncio.run(run())
+
+
+def test_asgi_plugin_that_fails_to_start_is_stopped_and_closed(started: list[Plugin]) -> None:
+    async def run() -> None:
+        host = GatewayHost(asyncio.get_running_loop(), UpstreamPools(), lambda name: None)
+        entry = asgi.plugin_entries([asgi.PluginSpec(
+            CONFORMANCE, f"{TICK}\nconfigure return 0\n")])[0]
+        with pytest.raises(RuntimeFailure, match="configuration rejected"):
+            entry.build(host, Limits())
+        [plugin] = started
+        assert plugin.vm is None and id(plugin) not in host._timers
+
+    asyncio.run(run())
+
+
+def test_restart_stops_the_old_vms_work_first() -> None:
+    class Recording(Host):
+        def __init__(self) -> None:
+            super().__init__()
+            self.events: list[str] = []
+
+        def stop_plugin(self, plugin: Plugin) -> None:
+            self.events.append(f"stop vm={id(plugin.vm)}")
+
+    host = Recording()
+    module = PluginModule(CONFORMANCE.read_bytes(), source=str(CONFORMANCE))
+    plugin = Plugin(module, PluginConfig(configuration=b"configure get_log_level"), host)
+    plugin.start()
+    old = plugin.vm
+    plugin.restart()
+    assert host.events == [f"stop vm={id(old)}"]  # stopped while the old VM was still there
+    assert plugin.vm is not old and plugin.vm is not None
+    plugin.close()
+    Host().stop_plugin(plugin)  # the base Host has it (a no-op)
+
+
+def test_emulator_restart_cancels_pending_calls() -> None:
+    emulator = Emulator(CONFORMANCE, plugin_config=(
+        "tick http_call s:up m::path=/&:method=GET&:authority=a s: null 1000\n"
+        "vm_start set_tick_period_milliseconds 100\n"), vm_config=b"")
+    emulator.start()
+    emulator.tick()
+    assert [c.token for c in emulator.pending_http_calls()] == [4]
+    emulator.restart()
+    assert emulator.pending_http_calls() == []  # Envoy cancels the old VM's calls
+    emulator.tick()
+    assert [c.token for c in emulator.pending_http_calls()] == [4]  # the fresh VM's own
+    emulator.close()
