@@ -8,11 +8,15 @@ worker's stream count, which proves it).
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 import signal
 import time
 from collections.abc import Callable
+
+from wasmgate.gateway.shared_metrics import ProcessMetricStore
 
 from .conftest import Gateway
 from .test_gateway import conformance, gateway_doc
@@ -89,7 +93,8 @@ def test_prometheus_covers_both_workers(start_gateway: Start, upstream: str) -> 
     assert value(text, f'wasmgate_plugin_vm_memory_bytes{{plugin="{PLUGIN}"}}') == sum(memory)
     assert value(text, 'wasmgate_worker_up{worker="0"}') == 1
     assert value(text, 'wasmgate_worker_up{worker="1"}') == 1
-    assert value(text, "wasmgate_plugin_metrics_refused") == 0
+    assert value(text, "wasmgate_plugin_metrics_refused_total") == 0
+    assert "# TYPE wasmgate_plugin_metrics_refused_total counter" in text
     # each worker still answers for itself
     own = gateway.admin_json("/stats/worker")
     assert own["worker"] == 0 and 0 < own["gateway"]["requests"] < REQUESTS
@@ -122,3 +127,109 @@ def test_a_stopped_or_dead_worker_does_not_break_the_scrape(start_gateway: Start
     assert value(text, 'wasmgate_worker_up{worker="1"}') == 0
     assert value(text, "wasmgate_requests_total") == REQUESTS + 5
     assert value(text, "e2e_requests_total") == REQUESTS + 5
+
+
+def worker_lines(gateway: Gateway, index: int, needle: str) -> int:
+    """How many log lines of worker `index` contain `needle`."""
+    tag = f"[wasmgate-worker-{index}]"
+    return sum(1 for line in gateway.logs().splitlines() if tag in line and needle in line)
+
+
+TRACED = "[host->vm] proxy_on_request_headers("
+LOGGED = "conf request_headers get_metric"  # the plugin's own log line (info)
+
+
+def test_logging_applies_to_every_worker(start_gateway: Start, upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    send(gateway, REQUESTS)
+    assert worker_lines(gateway, 0, TRACED) == worker_lines(gateway, 1, TRACED) == 0
+    assert worker_lines(gateway, 0, LOGGED) and worker_lines(gateway, 1, LOGGED)
+    # a plugin by name, through worker 0's admin: both workers trace it
+    reply = gateway.admin_json(f"/logging?{PLUGIN}=trace")
+    assert reply["changed"] == {PLUGIN: "trace"}
+    assert [(w["worker"], w["state"], w["changed"]) for w in reply["workers"]] \
+        == [(0, "up", {PLUGIN: "trace"}), (1, "up", {PLUGIN: "trace"})]
+    assert all(w["levels"] == {PLUGIN: "trace"} for w in reply["workers"])
+    send(gateway, REQUESTS)
+    assert worker_lines(gateway, 0, TRACED) and worker_lines(gateway, 1, TRACED)
+    # all=: both workers stop logging below error
+    reply = gateway.admin_json("/logging?all=error")
+    assert [w["changed"] for w in reply["workers"]] == [{PLUGIN: "error"}] * 2
+    before = [worker_lines(gateway, i, n) for i in (0, 1) for n in (TRACED, LOGGED)]
+    send(gateway, REQUESTS)
+    assert [worker_lines(gateway, i, n) for i in (0, 1) for n in (TRACED, LOGGED)] == before
+    # GET without a change lists every worker's levels
+    listed = gateway.admin_json("/logging")
+    assert [w["levels"] for w in listed["workers"]] == [{PLUGIN: "error"}] * 2
+    # a bad level or name changes nothing anywhere
+    assert gateway.admin_get("/logging?all=loud")[0] == 400
+    assert gateway.admin_get(f"/logging?{PLUGIN}=info&nobody=info")[0] == 404
+    assert [w["levels"] for w in gateway.admin_json("/logging")["workers"]] \
+        == [{PLUGIN: "error"}] * 2
+    # a worker that does not answer is reported, the others still changed
+    pid = workers(gateway)[1]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status, body = gateway.admin_get(f"/logging?{PLUGIN}=info")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["changed"] == {PLUGIN: "info"}
+    assert [(w["worker"], w["state"]) for w in reply["workers"]] \
+        == [(0, "up"), (1, "not answering")]
+    assert "error" in reply["workers"][1] and "changed" not in reply["workers"][1]
+
+
+def test_an_exited_workers_gauges_leave_the_sums(start_gateway: Start, upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    send(gateway, REQUESTS)
+    memory = f'wasmgate_plugin_vm_memory_bytes{{plugin="{PLUGIN}"}}'
+    pid = workers(gateway)[1]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while workers(gateway)[1]["state"] != "exited":
+        assert time.monotonic() < deadline, workers(gateway)
+        time.sleep(0.05)
+    text = scrape(gateway)
+    own = gateway.admin_json("/stats/worker")["plugins"][0]["memory_bytes"]
+    assert own > 0 and value(text, memory) == own  # worker 0's VM only
+    assert value(text, f'wasmgate_plugin_ready{{plugin="{PLUGIN}"}}') == 1
+    # counters keep the exited worker's last numbers
+    assert value(text, "wasmgate_requests_total") == REQUESTS
+    assert value(text, f'wasmgate_plugin_streams_total{{plugin="{PLUGIN}"}}') == REQUESTS
+
+
+def test_ready_answers_quickly_with_a_stuck_worker(start_gateway: Start, upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    pid = workers(gateway)[1]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        status, body = gateway.admin_get("/ready")
+        took = time.monotonic() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 503 and b"worker 1" in body and b"not answering" in body, body
+    assert took < 0.8, f"/ready took {took:.2f} s"  # within a 1 s kubelet probe timeout
+    deadline = time.monotonic() + 10
+    while gateway.admin_get("/ready") != (200, b"LIVE\n"):
+        assert time.monotonic() < deadline, gateway.admin_get("/ready")
+        time.sleep(0.05)
+
+
+def test_a_reused_pid_is_an_exited_worker(start_gateway: Start, upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    [path] = glob.glob(f"/dev/shm/wasmgate-metrics-{gateway.process.pid}-*")
+    store = ProcessMetricStore.attach(path)
+    try:
+        pid, _, started = store.worker_entries()[1]
+        assert started > 0
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        # the pid now names another live process (this one), started at another time
+        store.set_worker(1, pid=os.getpid(), start=started)
+        assert workers(gateway)[1]["state"] == "exited"
+        assert gateway.admin_get("/ready") == (200, b"LIVE\n")
+    finally:
+        store.close()

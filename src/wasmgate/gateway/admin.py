@@ -12,12 +12,18 @@ With `--workers N` every worker has an admin endpoint (worker 0 on the configure
 others on 127.0.0.1 with a free port, which each writes into the workers' table of the shared
 metrics file: shared_metrics.py). Worker 0 answers /stats/prometheus, /plugins and /ready for
 the whole gateway: it fetches `/stats/worker` from the other workers concurrently (at most
-WORKER_TIMEOUT seconds) and combines the snapshots (stats.py). Plugin-defined metrics need no
-gathering: they are one set in the shared file. A worker that does not answer in time, or has
-exited, is reported with `wasmgate_worker_up{worker="N"} 0` and its last snapshot (if it ever
-answered) stays in the sums, so counters never go backwards; /plugins gives each worker's
-state. /ready waits for every worker that is running to have started and finished loading
-its plugins (an exited worker is left out).
+WORKER_TIMEOUT seconds, READY_TIMEOUT for /ready) and combines the snapshots (stats.py).
+Plugin-defined metrics need no gathering: they are one set in the shared file. A worker that
+does not answer in time, or has exited, is reported with `wasmgate_worker_up{worker="N"} 0`.
+A slow worker's last snapshot (if it ever answered) stays in the sums; an exited worker's
+keeps its counters there (they never go backwards) but not its gauges (plugin ready, VM
+memory). /plugins gives each worker's state. /ready answers within READY_TIMEOUT (a kubelet
+probe times out after 1 s by default): 200 once every running worker has started, answered and
+finished loading its plugins (an exited worker is left out), else 503 naming the workers.
+/logging is applied by worker 0 and then by every other worker (the same request to their
+admins); the answer says what each worker did, and which did not answer (not an error: those
+keep their levels). An exited worker is one whose pid is gone, a zombie, or names a process
+started at another time than the one recorded at spawn (a reused pid).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .stats import (
     render_gateway,
     render_plugin_metrics,
     render_workers,
+    without_gauges,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +70,9 @@ class WorkerView:
 
 class AdminServer:
     WORKER_TIMEOUT = 2.0
-    """Seconds worker 0 waits for the other workers' snapshots."""
+    """Seconds worker 0 waits for the other workers' snapshots (and /logging answers)."""
+    READY_TIMEOUT = 0.4
+    """... for /ready's: a probe must be answered within its own timeout (kubelet: 1 s)."""
 
     def __init__(self, app: GatewayApp) -> None:
         self.app = app
@@ -121,8 +130,12 @@ class AdminServer:
         """`handle`, after gathering the other workers' snapshots where the answer covers the
         whole gateway (worker 0 of `--workers N`)."""
         store, index = self._workers()
-        if store is not None and index == 0 and urlsplit(target).path in _GATHERED:
-            return self.handle(method, target, await self.gather(store))
+        path = urlsplit(target).path
+        if store is not None and index == 0 and path in _GATHERED:
+            timeout = self.READY_TIMEOUT if path == "/ready" else self.WORKER_TIMEOUT
+            return self.handle(method, target, await self.gather(store, timeout))
+        if store is not None and index == 0 and path == "/logging":
+            return await self._logging_everywhere(store, method, target)
         return self.handle(method, target)
 
     def handle(self, method: str, target: str, workers: list[WorkerView] | None = None) -> Reply:
@@ -147,46 +160,59 @@ class AdminServer:
                 "fetch": fetch_snapshot(app.plugins.fetcher.metrics),
                 "config_errors": app.config_errors}
 
-    async def gather(self, store: ProcessMetricStore) -> list[WorkerView]:
-        """Every worker's view: this one's snapshot, the others' fetched concurrently."""
-        table = store.worker_table()
+    def _others(self, store: ProcessMetricStore) -> list[tuple[int, int, int, int]]:
+        """(index, pid, admin port, start time) of every other worker."""
         own = getattr(self.app, "worker", 0)
-        others = [i for i in range(len(table)) if i != own]
-        fetched = await asyncio.gather(*(self._fetch(i, *table[i]) for i in others))
-        views = [WorkerView(own, os.getpid(), "up", self.snapshot())]
-        for index, snapshot in zip(others, fetched, strict=True):
-            pid, port = table[index]
+        return [(i, *entry) for i, entry in enumerate(store.worker_entries()) if i != own]
+
+    async def gather(self, store: ProcessMetricStore,
+                     timeout: float | None = None) -> list[WorkerView]:
+        """Every worker's view: this one's snapshot, the others' fetched concurrently (each
+        within `timeout` seconds, WORKER_TIMEOUT by default)."""
+        others = self._others(store)
+        wait = self.WORKER_TIMEOUT if timeout is None else timeout
+        fetched = await asyncio.gather(*(self._fetch(*w, wait) for w in others))
+        views = [WorkerView(getattr(self.app, "worker", 0), os.getpid(), "up", self.snapshot())]
+        for (index, pid, port, start), snapshot in zip(others, fetched, strict=True):
             if snapshot is not None:
                 self._last[index] = snapshot
-                state = "up"
-            elif pid and not _alive(pid):
-                state = "exited"
-            elif not port:
-                state = "starting"
-            else:
-                state = "not answering"
+            state = _state(pid, port, start, snapshot is not None)
             views.append(WorkerView(index, pid, state, snapshot or self._last.get(index)))
         return sorted(views, key=lambda v: v.index)
 
-    async def _fetch(self, index: int, pid: int, port: int) -> dict[str, Any] | None:
-        if not port or (pid and not _alive(pid)):
+    async def _fetch(self, index: int, pid: int, port: int, start: int,
+                     timeout: float) -> dict[str, Any] | None:
+        reply = await self._ask(index, pid, port, start, "/stats/worker", timeout)
+        if reply is None or reply[0] != 200:
             return None
         try:
-            snapshot = await asyncio.wait_for(_get_json("127.0.0.1", port, "/stats/worker"),
-                                              self.WORKER_TIMEOUT)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError) as exc:
-            log.debug("worker %d (pid %d, admin port %d) did not answer: %r", index, pid, port,
-                      exc)
+            snapshot = json.loads(reply[1])
+        except ValueError:
             return None
         if not isinstance(snapshot, dict) or snapshot.get("worker") != index \
                 or not {"gateway", "plugins", "fetch"} <= snapshot.keys():
             return None
         return snapshot
 
+    async def _ask(self, index: int, pid: int, port: int, start: int, target: str,
+                   timeout: float) -> tuple[int, bytes] | None:
+        """(status, body) of GET `target` on worker `index`'s admin; None if it is not
+        running, not listening yet, or did not answer within `timeout` seconds."""
+        if not port or (pid and not _alive(pid, start)):
+            return None
+        try:
+            return await asyncio.wait_for(_get("127.0.0.1", port, target), timeout)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError) as exc:
+            log.debug("worker %d (pid %d, admin port %d) did not answer %s: %r", index, pid,
+                      port, target, exc)
+            return None
+
     @staticmethod
     def _snapshots(workers: list[WorkerView]) -> list[dict[str, Any]]:
-        return [w.snapshot for w in workers if w.snapshot is not None]
+        """The snapshots to combine: an exited worker's last one without its gauges."""
+        return [without_gauges(w.snapshot) if w.state == "exited" else w.snapshot
+                for w in workers if w.snapshot is not None]
 
     # -- handlers ----------------------------------------------------------------------------
     def _prometheus(self, method: str, query: list[tuple[str, str]],
@@ -233,70 +259,135 @@ class AdminServer:
         if workers is None:
             workers = [WorkerView(0, os.getpid(), "up",
                                   {"plugins": self.app.plugin_statuses()})]
-        waiting = []
+        waiting, unknown = [], []
         for w in workers:
             if w.state == "exited":
                 continue
-            if w.snapshot is None:
-                waiting.append(f"worker {w.index} {w.state}")
+            if w.state != "up" or w.snapshot is None:  # its last snapshot is no answer now
+                unknown.append(f"worker {w.index} {w.state}"
+                               + (f" (within {self.READY_TIMEOUT:g} s)"
+                                  if w.state == "not answering" else ""))
                 continue
             loading = [str(p["name"]) for p in w.snapshot["plugins"]
                        if p["status"] == "loading"]
             if loading:
                 waiting.append(" ".join(loading) if len(workers) == 1
                                else f"worker {w.index}: " + " ".join(loading))
-        if waiting:
-            return 503, b"text/plain", ("LOADING " + "; ".join(waiting)).encode()
+        if waiting or unknown:
+            parts = ([f"NOT READY {'; '.join(unknown)}"] if unknown else []) \
+                + ([f"LOADING {'; '.join(waiting)}"] if waiting else [])
+            return 503, b"text/plain", "\n".join(parts).encode()
         return 200, b"text/plain", b"LIVE\n"
 
     def _logging(self, method: str, query: list[tuple[str, str]]) -> Reply:
-        changed: dict[str, str] = {}
+        """This worker's plugins' levels; every name and level is checked before any is set
+        (a 400 or 404 changed nothing)."""
+        plugins = self.app.plugins
+        wanted = []
         for name, value in query:
             try:
                 level = LogLevel.parse(value)
             except ValueError as exc:
                 return 400, b"text/plain", f"{exc}\n".encode()
-            names = self.app.plugins.set_log_level(name, level)
-            if not names:
+            if not any(name in ("all", m.slot.name, m.resource.name)
+                       for m in plugins.managed.values()):
                 return 404, b"text/plain", f"no plugin named {name!r}\n".encode()
-            for n in names:
+            wanted.append((name, level))
+        changed: dict[str, str] = {}
+        for name, level in wanted:
+            for n in plugins.set_log_level(name, level):
                 changed[n] = level.name.lower()
-        levels = {m.slot.name: m.log_level.name.lower()
-                  for m in self.app.plugins.managed.values()}
+        levels = {m.slot.name: m.log_level.name.lower() for m in plugins.managed.values()}
         return _json({"changed": changed, "levels": levels})
+
+    async def _logging_everywhere(self, store: ProcessMetricStore, method: str,
+                                  target: str) -> Reply:
+        """/logging on worker 0 of `--workers N`: here first (a bad level or name stops it
+        here), then the same request to every other worker's admin, concurrently. The answer
+        is this worker's, plus `workers`: what each did (`changed`, `levels`), or its state and
+        `error` when it did not do it."""
+        status, content_type, body = self.handle(method, target)
+        if status != 200:
+            return status, content_type, body
+        mine = json.loads(body)
+        others = self._others(store)
+        replies = await asyncio.gather(*(self._ask(*w, target, self.WORKER_TIMEOUT)
+                                         for w in others))
+        report: list[dict[str, Any]] = [{"worker": getattr(self.app, "worker", 0),
+                                         "pid": os.getpid(), "state": "up", **mine}]
+        for (index, pid, port, start), reply in zip(others, replies, strict=True):
+            entry: dict[str, Any] = {"worker": index, "pid": pid,
+                                     "state": _state(pid, port, start, reply is not None)}
+            if reply is None:
+                entry["error"] = {"exited": "exited",
+                                  "starting": "not listening yet: not changed"}.get(
+                    entry["state"], f"no answer within {self.WORKER_TIMEOUT:g} s: not changed")
+            elif reply[0] != 200:
+                entry["error"] = f"{reply[0]}: {reply[1].decode(errors='replace').strip()}"
+            else:
+                try:
+                    entry.update(json.loads(reply[1]))
+                except ValueError as exc:
+                    entry["error"] = f"unreadable answer: {exc}"
+            if "error" in entry and entry["state"] != "exited" and urlsplit(target).query:
+                log.warning("/logging: worker %d did not apply %s: %s", index, target,
+                            entry["error"])
+            report.append(entry)
+        report.sort(key=lambda e: int(e["worker"]))
+        return _json({**mine, "workers": report})
 
 
 def _json(value: object) -> Reply:
     return 200, b"application/json", json.dumps(value, indent=2, default=str).encode() + b"\n"
 
 
-async def _get_json(host: str, port: int, path: str) -> Any:
-    """GET `path` from another worker's admin endpoint (ours: content-length framed)."""
+async def _get(host: str, port: int, target: str) -> tuple[int, bytes]:
+    """GET `target` from another worker's admin endpoint (ours: content-length framed)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+        writer.write(f"GET {target} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        if head[0].split()[1:2] != ["200"]:
+        status = head[0].split()[1:2]
+        if not status or not status[0].isdigit():
             raise ValueError(f"status line {head[0]!r}")
         lengths = [int(line.split(":", 1)[1]) for line in head[1:]
                    if line.lower().startswith("content-length:")]
         if not lengths:
             raise ValueError("no content-length")
-        return json.loads(await reader.readexactly(lengths[0]))
+        return int(status[0]), await reader.readexactly(lengths[0])
     finally:
         writer.close()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+def _state(pid: int, port: int, start: int, answered: bool) -> str:
+    """A worker's state for one admin request."""
+    if answered:
+        return "up"
+    if pid and not _alive(pid, start):
+        return "exited"
+    return "not answering" if port else "starting"
+
+
+def _alive(pid: int, start: int = 0) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not) and, when
+    `start` is known, is the process that started then (not a later one given the same pid)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False  # procfs, and no such process
+        fields = None
     except (OSError, IndexError):
+        fields = None
+    if fields is None:  # no procfs: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
+    if fields[:1] == [b"Z"]:
+        return False
+    return not start or fields[19:20] == [str(start).encode()]

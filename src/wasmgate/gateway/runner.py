@@ -7,7 +7,8 @@ store across the workers (a memory-mapped file, see shared_store.py and shared_q
 across Envoy's worker threads; so are plugin-defined metrics (shared_metrics.py). The admin
 endpoint is worker 0's; the other workers serve theirs on 127.0.0.1 (a free port, written into
 the metrics file's workers' table), and worker 0 gathers their gateway and per-plugin stats
-from there for /stats/prometheus, /plugins and /ready (admin.py). A Gateway with
+from there for /stats/prometheus, /plugins and /ready, and passes /logging on to them
+(admin.py). A Gateway with
 `spec.sharedData: redis://...` puts shared data in that Redis instead (each worker connects).
 """
 

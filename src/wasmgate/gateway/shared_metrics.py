@@ -22,11 +22,12 @@ Limits: ``slots`` names (7/8 of them usable) and ``arena_bytes`` for records. A 
 once the file is full is refused from sharing, never failed (SDKs panic when
 ``proxy_define_metric`` fails): a warning is logged once per worker, the metric works for that
 worker's VMs with the values kept in the process, it is left out of ``/stats/prometheus``, and
-``refused`` (shown as ``wasmgate_plugin_metrics_refused``) counts it.
+``refused`` (shown as the counter ``wasmgate_plugin_metrics_refused_total``) counts it.
 
 The workers' table is the rendezvous for the admin endpoint (``admin.py``): the parent writes
-each worker's pid once it has started it, each worker writes the port of its private admin
-endpoint once it listens; worker 0 reads it to gather the other workers' own statistics.
+each worker's pid once it has started it (with the process's start time, so that a pid reused
+by another process is not taken for the worker), each worker writes the port of its private
+admin endpoint once it listens; worker 0 reads it to gather the other workers' own statistics.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _USED_AT = 8 + 12
 _REFUSED_AT = _USED_AT + 4
 _ARENA_TOP_AT = 8 + 24 + 16
 _WORKERS_AT = 64
-_WORKER = struct.Struct("<II")  # pid, admin port
+_WORKER = struct.Struct("<IIQ")  # pid, admin port, start time (process_start_time)
 _SLOT = struct.Struct("<IIQ")  # hash (0 = empty), (pad), record offset
 _RECORD = struct.Struct("<II")  # type, name length; the name, then the values (8-aligned)
 _U64 = struct.Struct("<Q")
@@ -316,21 +317,26 @@ class ProcessMetricStore(MetricStore):
         return out
 
     # -- the workers' table (rendezvous for the admin endpoint) -----------------------------
-    def set_worker(self, index: int, *, pid: int | None = None, port: int | None = None) -> None:
-        """Record worker `index`'s pid (the parent) or admin port (the worker itself)."""
+    def set_worker(self, index: int, *, pid: int | None = None, port: int | None = None,
+                   start: int | None = None) -> None:
+        """Record worker `index`'s pid (the parent) or admin port (the worker itself). A pid
+        comes with its process's start time (read now unless given)."""
         if not 0 <= index < self.workers:
             return
+        if pid is not None and start is None:
+            start = process_start_time(pid)
         at = _WORKERS_AT + _WORKER.size * index
         self._acquire()
         try:
-            old_pid, old_port = _WORKER.unpack_from(self._mm, at)
+            old_pid, old_port, old_start = _WORKER.unpack_from(self._mm, at)
             _WORKER.pack_into(self._mm, at, old_pid if pid is None else pid,
-                              old_port if port is None else port)
+                              old_port if port is None else port,
+                              old_start if start is None else start)
         finally:
             self._release()
 
-    def worker_table(self) -> list[tuple[int, int]]:
-        """(pid, admin port) of each worker; 0 where not known yet."""
+    def worker_entries(self) -> list[tuple[int, int, int]]:
+        """(pid, admin port, start time) of each worker; 0 where not known yet."""
         self._acquire()
         try:
             return [_WORKER.unpack_from(self._mm, _WORKERS_AT + _WORKER.size * i)
@@ -338,11 +344,26 @@ class ProcessMetricStore(MetricStore):
         finally:
             self._release()
 
+    def worker_table(self) -> list[tuple[int, int]]:
+        """(pid, admin port) of each worker; 0 where not known yet."""
+        return [(pid, port) for pid, port, _ in self.worker_entries()]
+
     def stats(self) -> dict[str, int]:
         """Metrics stored, arena bytes used, and the capacity of each."""
         _, _, max_metrics, _, used, refused, _, start, end, top = _HEADER.unpack_from(self._mm, 0)
         return {"metrics": used, "metric_capacity": max_metrics, "arena_used": top - start,
                 "arena_capacity": end - start, "refused": refused}
+
+
+def process_start_time(pid: int) -> int:
+    """When process `pid` started (clock ticks since boot: /proc/<pid>/stat field 22), or 0
+    where that is unknown (no /proc, no such process). With the pid it names one process: a pid
+    reused by a later process comes with a later start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _attach(path: str) -> ProcessMetricStore:

@@ -12,7 +12,9 @@ admin serves them as a JSON snapshot (`/stats/worker`) and worker 0 combines the
 the plugin costs the whole gateway; `/plugins` has each worker's); a plugin is `ready` only if
 it is ready in every worker; config reloads take the maximum (every worker reloads the same
 files: the count is of configuration changes, not of workers); `wasm_cache_entries` takes the
-maximum (the module cache is one directory).
+maximum (the module cache is one directory). An exited worker's last snapshot keeps its
+counters in the sums (they never go backwards) but not its gauges (`without_gauges`): its VM
+memory is freed and its plugins serve nothing.
 """
 
 from __future__ import annotations
@@ -86,10 +88,21 @@ _SUMMED_PLUGIN_FIELDS = ("streams", "crashes", "reloads", "callbacks", "callback
                          "memory_bytes", "fetch_attempts")
 
 
+_GAUGE_PLUGIN_FIELDS = ("status", "memory_bytes")
+
+
+def without_gauges(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """An exited worker's last snapshot as it counts in the sums: its counters, not its gauges
+    (plugin status and VM memory are None, the module cache entries 0)."""
+    plugins = [{**p, **dict.fromkeys(_GAUGE_PLUGIN_FIELDS)} for p in snapshot["plugins"]]
+    return {**snapshot, "plugins": plugins, "fetch": {**snapshot["fetch"], "cache_entries": 0}}
+
+
 def combine_plugins(per_worker: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One entry per plugin name over the workers' statuses (the first worker's order and
     details): per-worker counts and VM memory summed; the status is `ready` only if every
-    worker has it ready, else the first other status seen (with its error)."""
+    worker has it ready, else the first other status seen (with its error). A None status or
+    memory (`without_gauges`) is left out; None if no worker has one."""
     merged: dict[str, dict[str, Any]] = {}
     for plugins in per_worker:
         for plugin in plugins:
@@ -100,7 +113,10 @@ def combine_plugins(per_worker: Iterable[list[dict[str, Any]]]) -> list[dict[str
             for name in _SUMMED_PLUGIN_FIELDS:
                 if isinstance(plugin.get(name), int | float):
                     into[name] = (into.get(name) or 0) + plugin[name]
-            if into["status"] == "ready" and plugin["status"] != "ready":
+            if plugin["status"] is None:
+                continue
+            if into["status"] is None or (into["status"] == "ready"
+                                          and plugin["status"] != "ready"):
                 into["status"], into["error"] = plugin["status"], plugin.get("error")
     for plugin in merged.values():
         if isinstance(plugin.get("callback_seconds"), float):
@@ -208,7 +224,8 @@ def render_gateway(stats: GatewayStats, plugins: list[dict[str, object]]) -> lis
 
 def _plugin_lines(plugins: list[dict[str, object]]) -> list[str]:
     series = {
-        "wasmgate_plugin_ready": ("gauge", lambda p: int(p["status"] == "ready")),
+        "wasmgate_plugin_ready": ("gauge", lambda p: None if p["status"] is None
+                                  else int(p["status"] == "ready")),
         "wasmgate_plugin_streams_total": ("counter", lambda p: p["streams"]),
         "wasmgate_plugin_crashes_total": ("counter", lambda p: p["crashes"]),
         "wasmgate_plugin_reloads_total": ("counter", lambda p: p["reloads"]),
@@ -220,7 +237,9 @@ def _plugin_lines(plugins: list[dict[str, object]]) -> list[str]:
     for name, (kind, value) in series.items():
         lines.append(f"# TYPE {name} {kind}")
         for plugin in plugins:
-            lines.append(f'{name}{{plugin="{_escape(str(plugin["name"]))}"}} {value(plugin)}')
+            number = value(plugin)
+            if number is not None:  # a gauge of a plugin only exited workers had
+                lines.append(f'{name}{{plugin="{_escape(str(plugin["name"]))}"}} {number}')
     return lines
 
 
@@ -230,5 +249,5 @@ def render_workers(states: dict[int, str], refused: int) -> list[str]:
     up = [f'wasmgate_worker_up{{worker="{index}"}} {int(state == "up")}'
           for index, state in sorted(states.items())]
     return ["# TYPE wasmgate_worker_up gauge", *up,
-            "# TYPE wasmgate_plugin_metrics_refused gauge",
-            f"wasmgate_plugin_metrics_refused {refused}"]
+            "# TYPE wasmgate_plugin_metrics_refused_total counter",
+            f"wasmgate_plugin_metrics_refused_total {refused}"]
