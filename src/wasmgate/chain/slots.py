@@ -68,6 +68,10 @@ class PluginSlot:
 
     def stand_in(self) -> str | None:
         """None when the plugin runs; else "allow" or "deny" for this stream."""
+        plugin = self.plugin
+        if (plugin is not None and self._status is SlotStatus.READY
+                and plugin.state is not PluginState.FAILED):
+            return None  # the common case: a running plugin (nothing to reload)
         self._maybe_reload()
         if self.plugin is not None and self.status == SlotStatus.READY:
             return None

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from random import getrandbits
 from typing import TYPE_CHECKING
 
@@ -34,13 +35,11 @@ from ..runtime.serde import Pairs
 from .http1 import (
     HOP_BY_HOP,
     Framing,
-    choose_framing,
     header_value,
     request_head,
     response_head,
     response_headers_out,
     simple_response,
-    strip_hop_by_hop,
 )
 from .upstream import Endpoint, UpstreamConnection
 
@@ -48,6 +47,18 @@ if TYPE_CHECKING:
     from .proxy import ProxyState
 
 log = logging.getLogger("wasmgate.gateway")
+
+
+def _attributes(conn: DownstreamProtocol, route: RouteTarget | None, version: str,
+                request_time: int) -> dict[str, object]:
+    """The Envoy attributes of a stream (what plugins read as source.address, ...)."""
+    return {"source.address": f"{conn.peer[0]}:{conn.peer[1]}", "source.port": conn.peer[1],
+            "destination.address": f"{conn.local[0]}:{conn.local[1]}",
+            "destination.port": conn.local[1], "connection.id": conn.connection_id,
+            "request.protocol": f"HTTP/{version}",
+            "request.time": request_time,
+            "xds.route_name": route.route_name if route else "",
+            "xds.cluster_name": route.cluster_name if route else ""}
 
 
 def _request_id() -> bytes:
@@ -243,9 +254,11 @@ class Exchange:
         self._remaining = int(length) if length is not None and length.isdigit() else None
         self.route = state.router.route(self.headers)
         self.stream: ChainStream | None = None
-        if state.chain is not None and len(state.chain):
-            self.stream = state.chain.stream(self._attributes())
-            self.stream.on_wakeup = lambda _s: self._drain()
+        if state.chain is not None and state.chain.slots:
+            # Attributes as of now, built only if a plugin reads one.
+            self.stream = state.chain.stream(partial(_attributes, connection, self.route,
+                                                     version, time.time_ns()))
+            self.stream.on_wakeup = self._wakeup
 
     # -- request side ------------------------------------------------------------------------
     _plain = True
@@ -282,15 +295,7 @@ class Exchange:
         return pairs, length, chunked
 
     def _attributes(self) -> dict[str, object]:
-        conn = self.connection
-        route = self.route
-        return {"source.address": f"{conn.peer[0]}:{conn.peer[1]}", "source.port": conn.peer[1],
-                "destination.address": f"{conn.local[0]}:{conn.local[1]}",
-                "destination.port": conn.local[1], "connection.id": conn.connection_id,
-                "request.protocol": f"HTTP/{self.version}",
-                "request.time": time.time_ns(),
-                "xds.route_name": route.route_name if route else "",
-                "xds.cluster_name": route.cluster_name if route else ""}
+        return _attributes(self.connection, self.route, self.version, time.time_ns())
 
     def start(self) -> None:
         eos = not self._has_body()
@@ -327,14 +332,23 @@ class Exchange:
         self._drain()
 
     # -- chain actions -----------------------------------------------------------------------
+    def _wakeup(self, _stream: ChainStream) -> None:
+        self._drain()
+
     def _drain(self) -> None:
         if self.stream is not None:
-            self._dispatch(self.stream.take_actions())
+            actions = self.stream.take_actions()
+            if actions:
+                self._dispatch(actions)
 
     def _dispatch(self, actions: list[ChainAction]) -> None:
-        for action in actions:
+        for action in actions:  # (the most frequent kinds first)
             if isinstance(action, ForwardHeaders):
                 self._forward_headers(action.headers, action.end_of_stream)
+            elif isinstance(action, SendHeaders):
+                self._send_headers(action.headers, action.end_of_stream, action.details)
+            elif isinstance(action, SendBody):
+                self._send_body(action.data, action.end_of_stream)
             elif isinstance(action, ForwardBody):
                 self._to_upstream(self._framing_encode(action.data, action.end_of_stream))
                 if action.end_of_stream:
@@ -342,10 +356,6 @@ class Exchange:
             elif isinstance(action, ForwardTrailers):
                 self._to_upstream(self._framing_encode(b"", True, action.trailers))
                 self._arm_timeout()
-            elif isinstance(action, SendHeaders):
-                self._send_headers(action.headers, action.end_of_stream, action.details)
-            elif isinstance(action, SendBody):
-                self._send_body(action.data, action.end_of_stream)
             elif isinstance(action, SendTrailers):
                 self._send_body(b"", True, action.trailers)
             elif isinstance(action, Reset):
@@ -369,17 +379,10 @@ class Exchange:
         if self.stream is None and self._plain:
             method, head = self.method, self._plain_head(headers, eos)
         else:
-            method = header_value(headers, b":method") or self.method
-            path = header_value(headers, b":path") or b"/"
-            authority = header_value(headers, b":authority")
-            out = strip_hop_by_hop(headers)
-            if authority:
-                out.insert(0, (b"host", authority))
-            out, self._request_framing = choose_framing(out, eos)
-            head = request_head(method, path, out)
+            method, head = self._head(headers, eos)
         self._request_head = head if eos and method in (b"GET", b"HEAD", b"OPTIONS") else None
         self._upstream_queue = [head]
-        endpoint = route.pick()
+        endpoint = self._pick(route)
         pool = self.state.pools.pool(endpoint)
         idle = pool.take_idle()
         if idle is not None:  # the common case: no task, no await
@@ -389,6 +392,61 @@ class Exchange:
                 self._connect(route, endpoint, method == b"HEAD"))
         if eos:
             self._arm_timeout()
+
+    def _pick(self, route: RouteTarget) -> Endpoint:
+        """The route's next endpoint; plugins then read it as Envoy's `upstream.address` /
+        `upstream.port` (e.g. gpustack-token-usage tells upstream traffic from local replies
+        by it)."""
+        endpoint = route.pick()
+        if self.stream is not None:
+            address = f"{endpoint.host}:{endpoint.port}"
+            for f in self.stream.filters:
+                if f.context is not None:
+                    f.context.state.add_attribute("upstream.address", address)
+                    f.context.state.add_attribute("upstream.port", endpoint.port)
+        return endpoint
+
+    def _head(self, headers: Pairs, eos: bool) -> tuple[bytes, bytes]:
+        """Method and upstream head from the headers plugins left: the pseudo-headers give
+        the request line and host; hop-by-hop headers (and those `Connection` names) go;
+        a valid content-length keeps the framing, else chunked when a body follows. One
+        pass over the headers (the same result as `strip_hop_by_hop` + `choose_framing`)."""
+        method = path = authority = connection = length = None
+        out: Pairs = []
+        append = out.append
+        for key, value in headers:
+            if key[:1] == b":":
+                if key == b":method":
+                    if method is None:
+                        method = value
+                elif key == b":path":
+                    if path is None:
+                        path = value
+                elif key == b":authority" and authority is None:
+                    authority = value
+                continue
+            if key in HOP_BY_HOP:
+                if key == b"connection" and connection is None:
+                    connection = value
+                continue
+            if key == b"content-length" and length is None:
+                length = value
+            append((key, value))
+        if connection:
+            named = {t.strip().lower() for t in connection.split(b",") if t.strip()}
+            if named:
+                out = [(k, v) for k, v in out if k not in named]
+                length = header_value(out, b"content-length")
+        if authority:
+            out.insert(0, (b"host", authority))
+        if length is not None and length.isdigit():
+            self._request_framing = Framing(False, int(length))
+        elif eos:
+            self._request_framing = Framing(False, 0)
+        else:
+            out.append((b"transfer-encoding", b"chunked"))
+            self._request_framing = Framing(True, None)
+        return method or self.method, request_head(method or self.method, path or b"/", out)
 
     def _plain_head(self, headers: Pairs, eos: bool) -> bytes:
         """No plugins touched the headers: what `_request_pairs` saw decides the framing, and
@@ -509,7 +567,7 @@ class Exchange:
             route = self.route
             assert route is not None
             asyncio.get_running_loop().create_task(
-                self._connect(route, route.pick(), self.method == b"HEAD", fresh=True))
+                self._connect(route, self._pick(route), self.method == b"HEAD", fresh=True))
             return
         if self._response_started:
             self.abort(details)

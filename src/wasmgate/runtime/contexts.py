@@ -7,6 +7,7 @@ BAD_ARGUMENT and pairs come back empty; in on_log everything is readable and not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -38,7 +39,7 @@ class LocalResponse:
     grpc_status: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class HeaderSlot:
     """One header/trailer map and whether the plugin may see and change it right now."""
 
@@ -53,7 +54,7 @@ class HeaderSlot:
         self.readable = self.writable = False
 
 
-@dataclass
+@dataclass(slots=True)
 class BodySlot:
     """The body bytes the current (or buffering) callback sees."""
 
@@ -106,7 +107,8 @@ class HttpContextState(Context):
     kind = "http"
 
     def __init__(self, context_id: int, root: RootContext) -> None:
-        super().__init__(context_id)
+        self.id = context_id  # (Context.__init__ inlined: one per request)
+        self.deleted = False
         self.root = root
         self.phase = Phase.CREATED
         self.request_headers = HeaderSlot()
@@ -120,6 +122,36 @@ class HttpContextState(Context):
         self.continue_response = False
         self.closed = False
         self.filter_state: dict[bytes, bytes] = {}
-        self.attributes: dict[str, object] = {}  # request.* etc. provided by the embedder
+        self._attributes: dict[str, object] | Callable[[], dict[str, object]] = {}
+        self._added: dict[str, object] | None = None  # add_attribute before the first read
         self.upstream_override: bytes | None = None
         self.handle: object = None  # the HttpContext driving this state
+
+    @property
+    def attributes(self) -> dict[str, object]:
+        """Attributes provided by the embedder (source.address, xds.route_name...). The
+        embedder may give a function instead of a dict: it runs when a plugin first reads
+        one, so streams whose plugins never ask do not pay for building them."""
+        attributes = self._attributes
+        if not isinstance(attributes, dict):
+            attributes = self._attributes = dict(attributes())
+            if self._added:
+                attributes.update(self._added)
+                self._added = None
+        return attributes
+
+    @attributes.setter
+    def attributes(self, value: dict[str, object] | Callable[[], dict[str, object]]) -> None:
+        self._attributes = value
+        self._added = None
+
+    def add_attribute(self, key: str, value: object) -> None:
+        """An attribute the embedder learns mid-stream (Envoy's `upstream.address` once the
+        upstream host is picked). Attributes no plugin has read yet stay unbuilt."""
+        attributes = self._attributes
+        if isinstance(attributes, dict):
+            attributes[key] = value
+        elif self._added is None:
+            self._added = {key: value}
+        else:
+            self._added[key] = value

@@ -27,11 +27,17 @@ from .serde import Pairs, normalize_headers
 if TYPE_CHECKING:
     from .plugin import Plugin
 
+_CONTINUE = Action.CONTINUE
+_PAUSE = Action.PAUSE
 _STOP_ALL = (Action.STOP_ALL_ITERATION_AND_BUFFER, Action.STOP_ALL_ITERATION_AND_WATERMARK)
+_WATERMARK = Action.STOP_ALL_ITERATION_AND_WATERMARK
 _ACTIONS = tuple(Action)
 
+Attributes = dict[str, object] | Callable[[], dict[str, object]]
+"""The stream's attributes, or a function building them when a plugin first reads one."""
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class Released:
     """Data the plugin let through: kind is "headers", "body" or "trailers"."""
 
@@ -42,39 +48,63 @@ class Released:
 
 
 class _Direction:
-    """Per-direction flow state: held by StopAll headers, buffering a paused body."""
+    """Per-direction flow state (held by StopAll headers, buffering a paused body), with the
+    direction's maps, callback names and phases looked up once."""
 
-    def __init__(self) -> None:
+    __slots__ = ("blocked", "body", "body_phase", "buffering", "ended", "headers",
+                 "headers_eos", "headers_phase", "headers_released", "held", "name",
+                 "on_body", "on_headers", "on_trailers", "trailers", "trailers_phase")
+
+    def __init__(self, name: str, headers: HeaderSlot, body: BodySlot,
+                 trailers: HeaderSlot) -> None:
+        self.name = name
         self.blocked = False
         self.buffering = False
         self.held: list[tuple[str, object, bool]] = []
         self.ended = False
         self.headers_released = False
         self.headers_eos = False
+        self.headers, self.body, self.trailers = headers, body, trailers
+        self.on_headers, self.on_body, self.on_trailers, self.headers_phase, \
+            self.body_phase, self.trailers_phase = _NAMES[name]
+
+
+_NAMES = {
+    "request": ("proxy_on_request_headers", "proxy_on_request_body",
+                "proxy_on_request_trailers", Phase.REQUEST_HEADERS, Phase.REQUEST_BODY,
+                Phase.REQUEST_TRAILERS),
+    "response": ("proxy_on_response_headers", "proxy_on_response_body",
+                 "proxy_on_response_trailers", Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY,
+                 Phase.RESPONSE_TRAILERS),
+}
 
 
 class HttpContext:
     """Feed stream events in, read the plugin's decisions and mutations out."""
 
-    def __init__(self, plugin: Plugin, attributes: dict[str, object]) -> None:
+    def __init__(self, plugin: Plugin, attributes: Attributes) -> None:
         self.plugin = plugin
         vm = plugin._vm()
         self.vm = vm
-        self.state = HttpContextState(vm.new_context_id(), plugin.root)
-        self.state.attributes = dict(attributes)
-        vm.contexts[self.state.id] = self.state
-        self.state.handle = self
+        self.id = context_id = vm.new_context_id()
+        self.state = state = HttpContextState(context_id, plugin.root)
+        # A dict is copied (the caller may reuse it); a factory runs at the first read.
+        state.attributes = dict(attributes) if isinstance(attributes, dict) else attributes
+        vm.contexts[context_id] = state
+        state.handle = self
         self._created = False
-        self._request = _Direction()
-        self._response = _Direction()
+        self._request = _Direction("request", state.request_headers, state.request_body,
+                                   state.request_trailers)
+        self._response = _Direction("response", state.response_headers, state.response_body,
+                                    state.response_trailers)
+        abi = plugin.module.abi
+        self._abi_010 = abi == "0_1_0"
+        # True StopIteration (Higress 0_2_100): headers held but the body still flows.
+        self._stop_iteration = abi == "0_2_100" or plugin.config.allow_on_headers_stop_iteration
         self.on_continue: Callable[[str], None] | None = None
         self.on_release: Callable[[HttpContext], None] | None = None
         self.outbox: list[Released] = []
         self.completed = False
-
-    @property
-    def id(self) -> int:
-        return self.state.id
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -117,7 +147,8 @@ class HttpContext:
     def _ensure_created(self) -> None:
         if not self._created:
             self._created = True
-            self._call("proxy_on_context_create", self.id, self.plugin.root.id)
+            self.vm.call("proxy_on_context_create", self.id, self.plugin.root.id,
+                         context_id=self.id)
 
     def _call(self, name: str, *args: int) -> int | None:
         return self.vm.call(name, *args, context_id=self.id)
@@ -140,121 +171,135 @@ class HttpContext:
     def response_trailers(self, trailers: object) -> Action:
         return self.feed_trailers("response", normalize_headers(trailers))
 
-    def _slots(self, direction: str) -> tuple[_Direction, HeaderSlot, BodySlot, HeaderSlot]:
-        s = self.state
-        if direction == "request":
-            return self._request, s.request_headers, s.request_body, s.request_trailers
-        return self._response, s.response_headers, s.response_body, s.response_trailers
+    def _flow(self, direction: str) -> _Direction:
+        return self._request if direction == "request" else self._response
 
     def feed_headers(self, direction: str, pairs: Pairs, eos: bool) -> Action:
-        self._ensure_created()
-        flow, headers, _, _ = self._slots(direction)
-        headers.open(pairs)
-        self.state.phase = Phase.REQUEST_HEADERS if direction == "request" else (
-            Phase.RESPONSE_HEADERS)
+        context_id = self.id
+        if not self._created:
+            self._created = True
+            self.vm.call("proxy_on_context_create", context_id, self.plugin.root.id,
+                         context_id=context_id)
+        flow = self._request if direction == "request" else self._response
+        headers = flow.headers
+        headers.pairs = pairs
+        headers.readable = headers.writable = True
+        state = self.state
+        state.phase = flow.headers_phase
         flow.ended = eos
-        args: tuple[int, ...] = (self.id, len(pairs))
-        if self.plugin.module.abi != "0_1_0":
-            args += (int(eos),)
-        raw = self._call(f"proxy_on_{direction}_headers", *args)
-        action = self._convert_headers(raw)
+        if self._abi_010:
+            raw = self.vm.call(flow.on_headers, context_id, len(pairs), context_id=context_id)
+        else:
+            raw = self.vm.call(flow.on_headers, context_id, len(pairs), 1 if eos else 0,
+                               context_id=context_id)
         flow.headers_eos = eos
-        if action in _STOP_ALL or action == Action.PAUSE:
+        if raw or state.local_response is not None:
+            action = self._convert_headers(raw)
+        else:  # the common case: Continue
+            action = _CONTINUE
+        if action in _STOP_ALL or action == _PAUSE:
             flow.blocked = True
         else:
-            headers.close()
-            self._release_headers(direction)
+            headers.readable = headers.writable = False
+            if not flow.headers_released and state.local_response is None:
+                flow.headers_released = True
+                self.outbox.append(Released(direction, "headers", headers.pairs or [], eos))
         return action
 
     def _release_headers(self, direction: str) -> None:
-        flow, headers, _, _ = self._slots(direction)
+        flow = self._flow(direction)
         if not flow.headers_released and self.state.local_response is None:
             flow.headers_released = True
-            self.outbox.append(Released(direction, "headers", headers.pairs or [],
+            self.outbox.append(Released(direction, "headers", flow.headers.pairs or [],
                                         flow.headers_eos))
 
     def _convert_headers(self, raw: int | None) -> Action:
         if self.state.local_response is not None:
-            return Action.STOP_ALL_ITERATION_AND_WATERMARK
-        value = (raw or 0) & 0xFFFFFFFF
+            return _WATERMARK
+        if not raw:
+            return _CONTINUE
+        value = raw & 0xFFFFFFFF
         if value == Action.PAUSE:
-            keep = (self.plugin.module.abi == "0_2_100"
-                    or self.plugin.config.allow_on_headers_stop_iteration)
-            return Action.PAUSE if keep else Action.STOP_ALL_ITERATION_AND_WATERMARK
+            return _PAUSE if self._stop_iteration else _WATERMARK
         if value == Action.CONTINUE_AND_END_STREAM:
-            return Action.CONTINUE
+            return _CONTINUE
         if value > 4:
-            return Action.STOP_ALL_ITERATION_AND_WATERMARK
+            return _WATERMARK
         return _ACTIONS[value]
 
     def feed_body(self, direction: str, data: bytes, eos: bool) -> Action:
-        self._ensure_created()
-        flow, headers, _, _ = self._slots(direction)
-        if flow.blocked and not (flow.buffering or (headers.readable and self._stop_iteration())):
+        if not self._created:
+            self._ensure_created()
+        flow = self._request if direction == "request" else self._response
+        if flow.blocked and not (flow.buffering or (flow.headers.readable
+                                                    and self._stop_iteration)):
             flow.held.append(("body", data, eos))
-            return Action.PAUSE
+            return _PAUSE
         return self._deliver_body(direction, data, eos)
 
-    def _stop_iteration(self) -> bool:
-        """True StopIteration (Higress 0_2_100): headers held but body still flows."""
-        return (self.plugin.module.abi == "0_2_100"
-                or self.plugin.config.allow_on_headers_stop_iteration)
-
     def _deliver_body(self, direction: str, data: bytes, eos: bool) -> Action:
-        flow, headers, body, _ = self._slots(direction)
-        if not flow.buffering:
-            body.data = bytearray()
-        body.data += data
+        flow = self._request if direction == "request" else self._response
+        body = flow.body
+        if flow.buffering:
+            body.data += data
+        else:
+            body.data = bytearray(data)
         body.readable = True
         body.end_of_stream = eos
         flow.ended = eos
-        self.state.phase = Phase.REQUEST_BODY if direction == "request" else Phase.RESPONSE_BODY
-        raw = self._call(f"proxy_on_{direction}_body", self.id, len(body.data), int(eos))
-        if self.state.local_response is not None:
-            return Action.PAUSE
-        value = (raw or 0) & 0xFFFFFFFF
-        if value == 0:
+        state = self.state
+        state.phase = flow.body_phase
+        context_id = self.id
+        raw = self.vm.call(flow.on_body, context_id, len(body.data), 1 if eos else 0,
+                           context_id=context_id)
+        if state.local_response is not None:
+            return _PAUSE
+        if not raw or not raw & 0xFFFFFFFF:
             flow.buffering = False
             if flow.blocked:  # headers were held (true StopIteration): body continues them
                 flow.blocked = False
-                headers.close()
-            self._release_headers(direction)
-            self._release_body(direction)
-            return Action.CONTINUE
+                flow.headers.readable = flow.headers.writable = False
+            if not flow.headers_released:
+                self._release_headers(direction)
+            # The chunk leaves this filter: later callbacks no longer see it (Envoy clears it).
+            body.readable = False
+            self.outbox.append(Released(direction, "body", bytes(body.data), eos))
+            return _CONTINUE
         flow.buffering = True
-        return Action.PAUSE
+        return _PAUSE
 
     def _release_body(self, direction: str) -> None:
         """The chunk leaves this filter: later callbacks no longer see it (Envoy clears it)."""
-        _, _, body, _ = self._slots(direction)
+        body = self._flow(direction).body
         body.readable = False
         if self.state.local_response is None:
             self.outbox.append(Released(direction, "body", bytes(body.data), body.end_of_stream))
 
     def feed_trailers(self, direction: str, pairs: Pairs) -> Action:
-        self._ensure_created()
-        flow, _, _, trailers = self._slots(direction)
+        if not self._created:
+            self._ensure_created()
+        flow = self._flow(direction)
         if flow.blocked and not flow.buffering:
             flow.held.append(("trailers", pairs, True))
-            return Action.PAUSE
+            return _PAUSE
+        trailers = flow.trailers
         trailers.open(pairs)
-        self.state.phase = (Phase.REQUEST_TRAILERS if direction == "request"
-                            else Phase.RESPONSE_TRAILERS)
-        raw = self._call(f"proxy_on_{direction}_trailers", self.id, len(pairs))
+        self.state.phase = flow.trailers_phase
+        raw = self._call(flow.on_trailers, self.id, len(pairs))
         if (raw or 0) == 0 and self.state.local_response is None:
             trailers.close()
             self._release_headers(direction)
             self.outbox.append(Released(direction, "trailers", pairs, True))
-            return Action.CONTINUE
+            return _CONTINUE
         flow.blocked = True
-        return Action.PAUSE
+        return _PAUSE
 
     # -- plugin-initiated flow changes (applied after the VM call returns) -------------------
     def resume(self, direction: str) -> None:
         """`proxy_continue_stream`: release held headers and replay what was held."""
-        flow, headers, _, _ = self._slots(direction)
+        flow = self._flow(direction)
         flow.blocked = False
-        headers.close()
+        flow.headers.close()
         self._release_headers(direction)
         if flow.buffering:
             flow.buffering = False
@@ -291,16 +336,20 @@ class HttpContext:
                      s.response_trailers):
             slot.readable, slot.writable = slot.pairs is not None, False
         s.phase = Phase.LOG
+        vm = self.vm
+        context_id = self.id
         try:
             if not self.plugin.failed:
-                self._ensure_created()
-                self._call("proxy_on_log", self.id)
+                if not self._created:
+                    self._ensure_created()
+                vm.call("proxy_on_log", context_id, context_id=context_id)
                 s.phase = Phase.DONE
-                self._call("proxy_on_done", self.id)
-                self._call("proxy_on_delete", self.id)
+                vm.call("proxy_on_done", context_id, context_id=context_id)
+                vm.call("proxy_on_delete", context_id, context_id=context_id)
         finally:  # a trap propagates (the plugin is already marked failed)
             s.deleted = True
-            self.vm.contexts.pop(self.id, None)
+            s.handle = None  # no reference cycle left: the stream is freed at once, not by gc
+            vm.contexts.pop(context_id, None)
 
     def __repr__(self) -> str:
         return f"<HttpContext {self.id} {self.state.phase.value}>"

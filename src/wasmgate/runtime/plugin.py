@@ -11,18 +11,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from .abi import FailState, LogLevel
 from .contexts import RootContext
 from .errors import ConfigurationRejected, PluginStartError, PluginTrap, TrapInfo
 from .host import Host
+from .http import Attributes, HttpContext
 from .module import PluginModule
 from .serde import Pairs, normalize_headers
 from .vm import Limits, WasmVM
-
-if TYPE_CHECKING:
-    from .http import HttpContext
 
 log = logging.getLogger("wasmgate.runtime.plugin")
 
@@ -195,9 +192,9 @@ class Plugin:
         vm.close()
 
     # -- streams -----------------------------------------------------------------------------
-    def new_http_context(self, attributes: dict[str, object] | None = None) -> HttpContext:
-        from .http import HttpContext
-
+    def new_http_context(self, attributes: Attributes | None = None) -> HttpContext:
+        """A stream; `attributes` is a dict or a function returning one (called when a
+        plugin first reads an attribute)."""
         return HttpContext(self, attributes or {})
 
     # -- deliveries from the embedder --------------------------------------------------------

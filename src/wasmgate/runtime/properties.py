@@ -68,15 +68,6 @@ def _walk(value: object, parts: list[str]) -> object:
     return value
 
 
-def _lookup(table: dict[str, object], parts: list[str]) -> object:
-    """Longest dotted prefix in `table`, then walk nested dicts/lists for the rest."""
-    for cut in range(len(parts), 0, -1):
-        key = ".".join(parts[:cut])
-        if key in table:
-            return _walk(table[key], parts[cut:])
-    return _MISSING
-
-
 def _header(pairs: list[tuple[bytes, bytes]] | None, name: bytes) -> str | None:
     for k, v in pairs or ():
         if k == name:
@@ -135,39 +126,80 @@ def _response_attribute(ctx: HttpContextState, name: str) -> object:
 def resolve(plugin: Plugin, ctx: object, raw_path: bytes) -> bytes | None:
     """The encoded property value, or None (NOT_FOUND)."""
     state = ctx if isinstance(ctx, HttpContextState) else None
-    for store in ((state.filter_state if state else {}), plugin.filter_state):
-        if raw_path in store:
-            return store[raw_path]
-    parts = split_path(raw_path)
-    value = _resolve_parts(plugin, state, parts)
+    if state is not None:
+        stored = state.filter_state.get(raw_path)
+        if stored is not None:
+            return stored
+    stored = plugin.filter_state.get(raw_path)
+    if stored is not None:
+        return stored
+    plan = _PLANS.get(raw_path)
+    if plan is None:
+        plan = _plan(raw_path)
+    value = _resolve_plan(plugin, state, plan)
     if value is _MISSING:
         context_id = state.id if state else plugin.root.id
-        return plugin.host.property(plugin, context_id, [p.encode() for p in parts])
+        return plugin.host.property(plugin, context_id, [p.encode() for p in plan.parts])
     return encode_value(value)
 
 
-def _resolve_parts(plugin: Plugin, state: HttpContextState | None, parts: list[str]) -> object:
-    head = parts[0]
-    tokens = {"plugin_name": plugin.name, "plugin_root_id": plugin.root_id,
-              "plugin_vm_id": plugin.vm_id}
-    if head in tokens and len(parts) == 1:
-        return tokens[head]
-    if head == "plugin_vm_memory" and len(parts) == 1:
-        return plugin.memory_bytes()
-    if state is not None and len(parts) == 2 and head in ("request", "response"):
-        derive = _request_attribute if head == "request" else _response_attribute
-        value = derive(state, parts[1])
+class _Plan:
+    """What a property path means, worked out once per distinct path: its parts, and the
+    (dotted key, rest) lookups of each candidate spelling (the path itself, then its legacy
+    or xds.* alias), longest key first."""
+
+    __slots__ = ("derive", "head", "lookups", "parts", "single")
+
+    def __init__(self, parts: list[str]) -> None:
+        self.parts = parts
+        self.head = parts[0]
+        self.single = len(parts) == 1
+        self.derive = (_request_attribute if self.head == "request" else _response_attribute
+                       if self.head == "response" else None) if len(parts) == 2 else None
+        candidates = [parts]
+        if parts[0] in LEGACY:
+            candidates.append(LEGACY[parts[0]].split(".") + parts[1:])
+        if ".".join(parts[:2]) in _REVERSE:
+            candidates.append([_REVERSE[".".join(parts[:2])], *parts[2:]])
+        self.lookups = [[(".".join(c[:cut]), c[cut:]) for cut in range(len(c), 0, -1)]
+                        for c in candidates]
+
+
+_PLANS: dict[bytes, _Plan] = {}
+_MAX_PLANS = 4096  # distinct paths remembered (plugins use a handful; this bounds a flood)
+
+
+def _plan(raw_path: bytes) -> _Plan:
+    plan = _Plan(split_path(raw_path))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[raw_path] = plan
+    return plan
+
+
+_TOKENS = ("plugin_name", "plugin_root_id", "plugin_vm_id")
+
+
+def _resolve_plan(plugin: Plugin, state: HttpContextState | None, plan: _Plan) -> object:
+    head = plan.head
+    if plan.single:
+        if head in _TOKENS:
+            return {"plugin_name": plugin.name, "plugin_root_id": plugin.root_id,
+                    "plugin_vm_id": plugin.vm_id}[head]
+        if head == "plugin_vm_memory":
+            return plugin.memory_bytes()
+    if state is not None and plan.derive is not None:
+        value = plan.derive(state, plan.parts[1])
         if value is not _MISSING:
             return value
-    candidates = [parts]
-    dotted = ".".join(parts[:1])
-    if dotted in LEGACY:
-        candidates.append(LEGACY[dotted].split(".") + parts[1:])
-    if ".".join(parts[:2]) in _REVERSE:
-        candidates.append([_REVERSE[".".join(parts[:2])], *parts[2:]])
-    for candidate in candidates:
-        for table in ((state.attributes if state else {}), plugin.properties):
-            value = _lookup(table, candidate)
-            if value is not _MISSING:
-                return value
+    tables = (state.attributes, plugin.properties) if state is not None else (
+        plugin.properties,)
+    for lookups in plan.lookups:
+        for table in tables:
+            for key, rest in lookups:  # longest dotted prefix, then walk what is left
+                if key in table:
+                    value = _walk(table[key], rest)
+                    if value is not _MISSING:
+                        return value
+                    break
     return _MISSING

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from itertools import chain
 
 from .abi import MAX_PAIRS, MAX_PAIRS_BYTES
 
@@ -15,12 +16,14 @@ Pairs = list[tuple[bytes, bytes]]
 
 
 def serialize_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
-    items = list(pairs)
+    items = pairs if isinstance(pairs, list) else list(pairs)
     if not items:
         return b""
-    sizes = b"".join(struct.pack("<II", len(k), len(v)) for k, v in items)
-    data = b"".join(k + b"\0" + v + b"\0" for k, v in items)
-    return struct.pack("<I", len(items)) + sizes + data
+    sizes = [len(items)]
+    for k, v in items:
+        sizes += (len(k), len(v))
+    return (struct.pack(f"<{len(sizes)}I", *sizes)
+            + b"\0".join(chain.from_iterable(items)) + b"\0")
 
 
 def deserialize_pairs(data: bytes) -> Pairs | None:
@@ -32,17 +35,19 @@ def deserialize_pairs(data: bytes) -> Pairs | None:
     (count,) = struct.unpack_from("<I", data, 0)
     if count > MAX_PAIRS or 4 + 8 * count > len(data):
         return None
-    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
+    sizes = iter(struct.unpack_from(f"<{2 * count}I", data, 4))
     pos = 4 + 8 * count
+    size = len(data)
     pairs: Pairs = []
-    for i in range(count):
-        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
-        end = pos + klen + vlen + 2
-        if end > len(data) or data[pos + klen] != 0 or data[end - 1] != 0:
+    append = pairs.append
+    for klen in sizes:
+        key_end = pos + klen
+        end = key_end + next(sizes) + 1  # the value's NUL
+        if end >= size or data[key_end] != 0 or data[end] != 0:
             return None
-        pairs.append((data[pos : pos + klen], data[pos + klen + 1 : end - 1]))
-        pos = end
-    return pairs if pos == len(data) else None
+        append((data[pos:key_end], data[key_end + 1:end]))
+        pos = end + 1
+    return pairs if pos == size else None
 
 
 def to_bytes(value: str | bytes) -> bytes:

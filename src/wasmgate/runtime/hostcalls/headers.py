@@ -7,6 +7,7 @@ root context while their callback runs.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from ..abi import MapType, Status
@@ -22,20 +23,21 @@ if TYPE_CHECKING:
 
 _STREAM_MAPS = ("request_headers", "request_trailers", "response_headers", "response_trailers")
 _ROOT_MAPS = {4: "grpc_initial", 5: "grpc_trailing", 6: "call_headers", 7: "call_trailers"}
+_STREAM_SLOT = tuple(attrgetter(name) for name in _STREAM_MAPS)
 
 
 def _slot(vm: WasmVM, map_type: int) -> HeaderSlot:
+    if map_type < 4:  # a stream's map (the common case)
+        ctx = vm.context()
+        if not isinstance(ctx, HttpContextState):
+            raise StatusError(Status.BAD_ARGUMENT, "no HTTP stream in this context")
+        slot: HeaderSlot = _STREAM_SLOT[map_type](ctx)
+        if slot.pairs is None:
+            _allow_new_trailers(ctx, MapType(map_type), slot)
+        return slot
     if map_type > 7:
         raise StatusError(Status.BAD_ARGUMENT, f"map type {map_type}")
-    if map_type >= 4:
-        return getattr(vm.plugin.root, _ROOT_MAPS[map_type])  # type: ignore[no-any-return]
-    ctx = vm.context()
-    if not isinstance(ctx, HttpContextState):
-        raise StatusError(Status.BAD_ARGUMENT, "no HTTP stream in this context")
-    slot: HeaderSlot = getattr(ctx, _STREAM_MAPS[map_type])
-    if slot.pairs is None:
-        _allow_new_trailers(ctx, MapType(map_type), slot)
-    return slot
+    return getattr(vm.plugin.root, _ROOT_MAPS[map_type])  # type: ignore[no-any-return]
 
 
 def _allow_new_trailers(ctx: HttpContextState, kind: MapType, slot: HeaderSlot) -> None:

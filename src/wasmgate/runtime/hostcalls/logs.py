@@ -14,16 +14,21 @@ if TYPE_CHECKING:
 
 @hostcall("proxy_log", "iii")
 def proxy_log(vm: WasmVM, level: int, ptr: int, size: int) -> int:
-    if level > LogLevel.CRITICAL:
-        return Status.BAD_ARGUMENT
-    message = vm.memory.read(ptr, size)
+    if level > _CRITICAL:
+        return _BAD_ARGUMENT
     plugin = vm.plugin
-    if level >= plugin.log_level:  # decode and build the enum only for lines that are kept
-        plugin.host.log(plugin, _LEVELS[level], message.decode("utf-8", "replace"))
+    if level < plugin.log_level:  # a dropped line: bounds-checked (as Envoy does), not copied
+        if size:
+            vm.memory.check(ptr, size)
+        return OK
+    message = vm.memory.read(ptr, size)  # decode and build the enum only for lines kept
+    plugin.host.log(plugin, _LEVELS[level], message.decode("utf-8", "replace"))
     return OK
 
 
 _LEVELS = tuple(LogLevel)
+_CRITICAL = int(LogLevel.CRITICAL)
+_BAD_ARGUMENT = Status.BAD_ARGUMENT
 
 
 @hostcall("proxy_get_log_level", "i")
