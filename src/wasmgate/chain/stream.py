@@ -281,7 +281,8 @@ class ChainStream:
 
     def _crash(self, index: int, f: _Filter, item: Released, exc: Exception) -> None:
         self._dirty = True  # look at every filter at the next take_actions, as always
-        f.slot.on_crash(str(exc))
+        if isinstance(exc, PluginTrap):  # PluginFailed: a crash already counted (one VM, one)
+            f.slot.on_crash(str(exc))
         if f.slot.fail_strategy == FailStrategy.FAIL_OPEN:
             f.mode = "allow"
             self._propagate(index, [item])

@@ -339,7 +339,9 @@ class HttpContext:
         vm = self.vm
         context_id = self.id
         try:
-            if not self.plugin.failed:
+            # nothing to call if the VM failed, or was replaced (a FAIL_RELOAD restart) since
+            # this stream began: the fresh VM never saw this context
+            if not self.plugin.failed and self.plugin.vm is vm:
                 if not self._created:
                     self._ensure_created()
                 vm.call("proxy_on_log", context_id, context_id=context_id)

@@ -13,6 +13,7 @@ from wasmgate.chain import (
     SendHeaders,
     SlotStatus,
 )
+from wasmgate.runtime.errors import RuntimeFailure
 from wasmgate.runtime.host import Host
 from wasmgate.runtime.module import PluginModule
 from wasmgate.runtime.plugin import Plugin, PluginConfig
@@ -209,3 +210,42 @@ def test_local_reply_from_a_call_out_callback_wakes_the_stream() -> None:
     assert header(send.headers, b":status") == b"429"
     assert send.details == "limited"
     assert not any(isinstance(a, ForwardHeaders) for a in actions)
+
+
+def test_a_crash_counts_once_and_an_old_stream_cannot_touch_the_fresh_vm() -> None:
+    """The root context traps while streams are open: a stream that meets the failed VM fails
+    per failStrategy without counting a second crash (which would back FAIL_RELOAD off), and a
+    stream completing after the restart calls nothing in the fresh VM (nor fails it)."""
+    host = RecordingHost()
+    now = [100.0]
+    steps = ("request_headers http_call s:auth m::path=/a&:method=GET&:authority=auth s: null 0\n"
+             "http_call_response trap\n")
+    plugin = Plugin(PluginModule.load(CONFORMANCE),
+                    PluginConfig(name="r", configuration=steps.encode()), host)
+    plugin.start()
+    slot = PluginSlot("r", FailStrategy.FAIL_RELOAD, plugin, clock=lambda: now[0])
+    chain = FilterChain([slot])
+    streaming = chain.stream()  # headers passed, its body still to come
+    streaming.request_headers(REQUEST, False)
+    assert isinstance(streaming.take_actions()[0], ForwardHeaders)
+    waiting = chain.stream()
+    waiting.request_headers(REQUEST, False)
+    waiting.take_actions()
+    request = host.calls[0][1]
+    try:
+        plugin.deliver_http_call_response(request.token, [(b":status", b"200")], b"", [])
+    except RuntimeFailure as exc:  # what the gateway's host does with a root-context trap
+        slot.on_crash(str(exc))
+    assert plugin.failed and slot.crashes == 1
+    streaming.request_body(b"x", True)  # meets the failed VM: 503, not a second crash
+    assert header(streaming.take_actions()[0].headers, b":status") == b"503"
+    assert slot.crashes == 1
+    streaming.complete()
+    fresh = chain.stream()  # one crash: reloaded at once
+    assert slot.reloads == 1 and not plugin.failed
+    waiting.complete()  # its on_log/on_done/on_delete belonged to the old VM
+    assert not plugin.failed and slot.crashes == 1
+    fresh.request_headers(REQUEST, True)
+    assert isinstance(fresh.take_actions()[0], ForwardHeaders)
+    assert len(host.calls) == 3  # the fresh VM runs
+    fresh.complete()
