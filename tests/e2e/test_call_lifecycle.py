@@ -211,6 +211,8 @@ def test_a_plugin_that_fails_to_start_leaves_no_stream_open(
     deadline = time.monotonic() + 3  # the gateway cancels the stream (it logs so)...
     while "gRPC call(s) cancelled" not in gateway.logs() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # ...and the server sees it end (if the stream got there at all)
+    deadline = time.monotonic() + 10  # ...and the server sees it end (if it got there at all)
+    while hold_server.open and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert hold_server.open == 0, "the plugin that failed to start kept its stream open"
     assert "stopped: 1 gRPC call(s) cancelled" in gateway.logs()
