@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
+import threading
 from collections.abc import Callable
 
 from ..e2e.conftest import Gateway
@@ -57,3 +60,55 @@ def test_ai_data_masking_rewrites_and_reframes(start_gateway: Start, upstream: s
         body=json.dumps({"messages": [{"role": "user", "content": "the secretword"}]}).encode())
     assert status == 200
     assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+
+
+class _ModelReply(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-shaped answer that holds a deny word, with its content-length."""
+
+    protocol_version = "HTTP/1.1"
+    reply = json.dumps({"id": "c1", "object": "chat.completion", "choices": [{
+        "index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "the secretword is 42"}}]}).encode()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.reply)))
+        self.end_headers()
+        self.wfile.write(self.reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_ai_data_masking_rewrites_and_reframes_the_response(start_gateway: Start) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelReply)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        model = f"127.0.0.1:{server.server_address[1]}"
+        gateway = start_gateway(gateway_doc(model) + wasm_plugin("ai-data-masking", MASKING))
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        payload = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+        conn.request("POST", "/v1/chat/completions", body=payload,
+                     headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()  # http.client checks the framing: length or chunks
+        assert response.status == 200
+        length, chunked = response.getheader("content-length"), response.getheader(
+            "transfer-encoding")
+        assert (length is not None and int(length) == len(body)) or chunked == "chunked"
+        assert len(body) != len(_ModelReply.reply)  # rewritten, so the old length is wrong
+        assert b"secretword" not in body
+        rewritten = json.loads(body)
+        assert rewritten["choices"][0]["message"]["role"] == "assistant"
+        # the same connection still works: the rewritten reply was framed right
+        conn.request("POST", "/v1/chat/completions", body=payload,
+                     headers={"content-type": "application/json"})
+        again = conn.getresponse()
+        assert again.status == 200 and b"secretword" not in again.read()
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
