@@ -32,21 +32,14 @@ admin endpoint once it listens; worker 0 reads it to gather the other workers' o
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import mmap
-import os
 import struct
-import tempfile
-import threading
-import uuid
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from ..runtime.abi import MetricType
 from ..runtime.metrics import DEFAULT_BUCKETS, Metric, MetricStore, MetricValues, bucket_index
+from .mapped_file import MappedFile, new_file
 
 log = logging.getLogger("wasmgate.metrics")
 
@@ -73,11 +66,6 @@ def _align(n: int) -> int:
     return n + (-n % 8)
 
 
-def _default_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
-        else tempfile.gettempdir()
-
-
 def _offsets(slots: int, max_metrics: int, workers: int) -> tuple[int, int, int]:
     """(index, slot table, arena) offsets."""
     index_at = _align(_WORKERS_AT + _WORKER.size * workers)
@@ -96,7 +84,7 @@ class SharedMetric(Metric):
     offset: int = 0
 
 
-class ProcessMetricStore(MetricStore):
+class ProcessMetricStore(MappedFile, MetricStore):
     """A ``MetricStore`` over a memory-mapped file that several processes attach to.
 
     The parent calls :meth:`create` (and :meth:`unlink` when the gateway exits); workers
@@ -105,9 +93,7 @@ class ProcessMetricStore(MetricStore):
 
     def __init__(self, path: str, *, _fd: int | None = None) -> None:
         super().__init__()  # its dict holds the metrics refused from sharing (kept here)
-        self.path = path
-        self._fd = _fd if _fd is not None else os.open(path, os.O_RDWR)
-        self._mm = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
+        self._map(path, _fd)
         magic, slots, max_metrics, workers, _, _, _, arena_start, arena_end, _ = \
             _HEADER.unpack_from(self._mm, 0)
         if magic != MAGIC:
@@ -115,7 +101,6 @@ class ProcessMetricStore(MetricStore):
         self.slots, self.max_metrics, self.workers = slots, max_metrics, workers
         self._index_at, self._slots_at, _ = _offsets(slots, max_metrics, workers)
         self._arena_start, self._arena_end = arena_start, arena_end
-        self._tlock = threading.Lock()
         self._local: dict[str, Metric] = {}
         self._warned: set[str] = set()
 
@@ -131,51 +116,10 @@ class ProcessMetricStore(MetricStore):
         max_metrics = slots - slots // 8
         _, _, arena_start = _offsets(slots, max_metrics, workers)
         size = arena_start + arena_bytes
-        directory = directory or _default_dir()
-        path = os.path.join(directory, f"wasmgate-metrics-{os.getpid()}-{uuid.uuid4().hex}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            os.pwrite(fd, _HEADER.pack(MAGIC, slots, max_metrics, workers, 0, 0, 0,
-                                       arena_start, size, arena_start), 0)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
+        header = _HEADER.pack(MAGIC, slots, max_metrics, workers, 0, 0, 0, arena_start, size,
+                              arena_start)
+        path, fd = new_file("metrics", directory, size, header)
         return cls(path, _fd=fd)
-
-    @classmethod
-    def attach(cls, path: str | os.PathLike[str]) -> ProcessMetricStore:
-        return cls(os.fspath(path))
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (_attach, (self.path,))
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        self._mm.close()
-        os.close(self._fd)
-        self._fd = -1
-
-    def unlink(self) -> None:
-        """Remove the file (attached processes keep their mapping until they close)."""
-        Path(self.path).unlink(missing_ok=True)
-
-    # -- locking ----------------------------------------------------------------------------
-    def _acquire(self) -> None:
-        self._tlock.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._tlock.release()
-            raise
-
-    def _release(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._tlock.release()
 
     # -- definitions ------------------------------------------------------------------------
     def define(self, metric_type: MetricType, name: str) -> Metric:
@@ -364,7 +308,3 @@ def process_start_time(pid: int) -> int:
             return int(f.read().rsplit(b")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0
-
-
-def _attach(path: str) -> ProcessMetricStore:
-    return ProcessMetricStore.attach(path)

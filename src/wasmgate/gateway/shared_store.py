@@ -46,22 +46,13 @@ reserved namespace of this table and their items are arena blocks, under the sam
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import mmap
-import os
 import struct
-import tempfile
-import threading
-import uuid
 import zlib
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 from ..runtime.abi import Status
 from ..runtime.shared import SharedDataStore
+from .mapped_file import MappedFile, new_file
 
 log = logging.getLogger("wasmgate.shared")
 
@@ -82,12 +73,7 @@ _MIN_CLASS = 6  # 64-byte blocks at least
 _ALIGN = 8
 
 
-def _default_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
-        else tempfile.gettempdir()
-
-
-class ProcessSharedData(SharedDataStore):
+class ProcessSharedData(MappedFile, SharedDataStore):
     """A ``SharedDataStore`` over a memory-mapped file that several processes attach to.
 
     The parent calls :meth:`create` (and :meth:`unlink` when the gateway exits); workers call
@@ -97,10 +83,7 @@ class ProcessSharedData(SharedDataStore):
 
     def __init__(self, path: str, *, _fd: int | None = None) -> None:
         super().__init__()
-        self.path = path
-        self._fd = _fd if _fd is not None else os.open(path, os.O_RDWR)
-        size = os.fstat(self._fd).st_size
-        self._mm = mmap.mmap(self._fd, size)
+        self._map(path, _fd)
         magic, slots, max_value, arena_start, arena_end, _, _, _, max_key = \
             _HEADER.unpack_from(self._mm, 0)
         if magic != MAGIC:
@@ -112,7 +95,6 @@ class ProcessSharedData(SharedDataStore):
         self._max_used = slots - slots // 8
         self._arena_end = arena_end
         self._arena_start = arena_start
-        self._tlock = threading.Lock()
         self._prefixes: dict[str, bytes] = {}
         self._warned: set[str] = set()
 
@@ -126,55 +108,13 @@ class ProcessSharedData(SharedDataStore):
             raise ValueError("slots must be a power of two >= 8")
         if max_value < 1 or max_key < 1:
             raise ValueError("max_value and max_key must be positive")
-        directory = directory or _default_dir()
-        path = os.path.join(directory, f"wasmgate-shared-{os.getpid()}-{uuid.uuid4().hex}")
         arena_start = _SLOTS_AT + slots * _SLOT.size
         arena_start += -arena_start % _ALIGN
         size = arena_start + arena_bytes
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            header = _HEADER.pack(MAGIC, slots, max_value, arena_start, size, arena_start, 1, 0,
-                                  max_key)
-            os.pwrite(fd, header, 0)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
+        header = _HEADER.pack(MAGIC, slots, max_value, arena_start, size, arena_start, 1, 0,
+                              max_key)
+        path, fd = new_file("shared", directory, size, header)
         return cls(path, _fd=fd)
-
-    @classmethod
-    def attach(cls, path: str | os.PathLike[str]) -> ProcessSharedData:
-        return cls(os.fspath(path))
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (_attach, (self.path,))
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        self._mm.close()
-        os.close(self._fd)
-        self._fd = -1
-
-    def unlink(self) -> None:
-        """Remove the file (attached processes keep their mapping until they close)."""
-        Path(self.path).unlink(missing_ok=True)
-
-    # -- locking ----------------------------------------------------------------------------
-    def _acquire(self) -> None:
-        self._tlock.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._tlock.release()
-            raise
-
-    def _release(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._tlock.release()
 
     # -- the table --------------------------------------------------------------------------
     def _full_key(self, vm_id: str, key: bytes) -> bytes:
@@ -302,15 +242,6 @@ class ProcessSharedData(SharedDataStore):
 
     # -- primitives for other structures in the same file (shared_queues.py) ---------------
     # Callers hold the lock (``with store.locked():``) around every call below.
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[mmap.mmap]:
-        """The lock, and the mapping to read and write under it."""
-        self._acquire()
-        try:
-            yield self._mm
-        finally:
-            self._release()
-
     def value_at_locked(self, vm_id: str, key: bytes) -> tuple[int, int] | None:
         """(offset, length) of the value stored under ``key``, or None: to update in place."""
         full = self._full_key(vm_id, key)
@@ -363,7 +294,3 @@ class ProcessSharedData(SharedDataStore):
         _, _, _, start, end, top, _, used, _ = _HEADER.unpack_from(self._mm, 0)
         return {"keys": used, "key_capacity": self._max_used, "arena_used": top - start,
                 "arena_capacity": end - start}
-
-
-def _attach(path: str) -> ProcessSharedData:
-    return ProcessSharedData.attach(path)
