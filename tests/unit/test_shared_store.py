@@ -26,52 +26,9 @@ def store(tmp_path: Path) -> Iterator[ProcessSharedData]:
     created.unlink()
 
 
-def test_missing_key_is_none(store: ProcessSharedData) -> None:
-    assert store.get("vm", b"k") is None
-
-
-def test_set_get_and_cas_rules(store: ProcessSharedData) -> None:
-    assert store.set("vm", b"k", b"v1", 12345) == Status.OK  # a new key accepts any cas
-    value, cas1 = store.get("vm", b"k")  # type: ignore[misc]
-    assert value == b"v1" and cas1 != 0
-    assert store.set("vm", b"k", b"v2", cas1 + 1) == Status.CAS_MISMATCH
-    assert store.get("vm", b"k") == (b"v1", cas1)  # unchanged by the refused set
-    assert store.set("vm", b"k", b"v2", cas1) == Status.OK
-    value, cas2 = store.get("vm", b"k")  # type: ignore[misc]
-    assert value == b"v2" and cas2 not in (0, cas1)
-    assert store.set("vm", b"k", b"v3", cas1) == Status.CAS_MISMATCH  # stale cas
-    assert store.set("vm", b"k", b"v3", 0) == Status.OK  # cas 0: unconditional
-    assert store.get("vm", b"k")[0] == b"v3"  # type: ignore[index]
-
-
-def test_one_cas_counter_across_keys_and_vm_ids(store: ProcessSharedData) -> None:
-    seen = []
-    for vm_id, key in [("a", b"x"), ("b", b"x"), ("a", b"y"), ("a", b"x")]:
-        assert store.set(vm_id, key, b"v", 0) == Status.OK
-        seen.append(store.get(vm_id, key)[1])  # type: ignore[index]
-    assert seen == sorted(seen) and len(set(seen)) == 4 and 0 not in seen
-
-
-def test_same_as_in_process_store(store: ProcessSharedData) -> None:
-    reference = SharedDataStore()
-    ops = [("vm", b"a", b"1", 0), ("vm", b"a", b"2", 7), ("vm", b"b", b"", 3), ("w", b"a", b"9", 0)]
-    for vm_id, key, value, cas in ops:
-        assert store.set(vm_id, key, value, cas) == reference.set(vm_id, key, value, cas)
-    for vm_id in ("vm", "w", "none"):
-        assert store.snapshot(vm_id) == reference.snapshot(vm_id)
-        assert sorted(store.keys(vm_id)) == sorted(reference.keys(vm_id))
-
-
-def test_namespaced_by_vm_id(store: ProcessSharedData) -> None:
-    store.set("one", b"k", b"1", 0)
-    store.set("two", b"k", b"2", 0)
-    store.set("", b"k", b"3", 0)
-    assert store.get("one", b"k")[0] == b"1"  # type: ignore[index]
-    assert store.get("two", b"k")[0] == b"2"  # type: ignore[index]
-    assert store.get("", b"k")[0] == b"3"  # type: ignore[index]
-    # a vm_id that is a prefix of another's bytes does not collide
-    store.set("on", b"ek", b"4", 0)
-    assert store.get("one", b"k")[0] == b"1"  # type: ignore[index]
+# The semantics every backend shares (missing keys, CAS rules, one counter, vm_id namespaces,
+# binary data, random operation sequences against the in-process store) are tested once for
+# all three stores, this one included, in test_redis_shared.py (`any_store`).
 
 
 def test_cas_wraps_to_one_never_zero(store: ProcessSharedData) -> None:
