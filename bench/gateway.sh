@@ -3,6 +3,8 @@
 # transformer plugin) next to nginx proxy_pass, in the same run, with wrk.
 #
 #   bash bench/gateway.sh                 # REPS=3 DURATION=5s CONNS="8 32"
+#   BEFORE_SRC=/tmp/old/src bash bench/gateway.sh   # also every wasmgate config run from that
+#                                         # source tree (before-*), in the same run
 #
 # Loopback only. Each proxy is pinned to core 0 (one worker / one event loop); wrk and the
 # upstream (a static nginx) share core 1, so "per core" compares like with like. Every load
@@ -66,7 +68,7 @@ from higress import higress_plugin; print(higress_plugin('transformer'))")"
 EXAMPLE="$ROOT/plugins/example-as/example.wasm"
 
 gateway_config() {  # name port -> config path
-    local name="$1" port="$2" file="$RUN/$1.yaml"
+    local name="${1#before-}" port="$2" file="$RUN/$1.yaml"
     cat >"$file" <<EOF
 apiVersion: wasmgate.io/v1alpha1
 kind: Gateway
@@ -103,6 +105,9 @@ EOF
 }
 
 PROXIES="nginx wasmgate wasmgate-example wasmgate-transformer"
+if [ -n "${BEFORE_SRC:-}" ]; then
+    PROXIES="$PROXIES before-wasmgate before-wasmgate-example before-wasmgate-transformer"
+fi
 declare -A PORT_OF
 i=0
 for name in $PROXIES; do
@@ -112,8 +117,10 @@ for name in $PROXIES; do
         taskset -c 0 timeout 1800 "$NGINX" -p "$RUN" -c "$RUN/proxy.conf" -e "$RUN/px.err" &
     else
         config="$(gateway_config "$name" "$port")"
-        taskset -c 0 timeout 1800 "$WASMGATE" run -c "$config" --log-level warning \
-            >"$RUN/$name.log" 2>&1 &
+        pythonpath="${PYTHONPATH:-}"
+        [ "${name#before-}" != "$name" ] && pythonpath="$BEFORE_SRC"
+        PYTHONPATH="$pythonpath" taskset -c 0 timeout 1800 "$WASMGATE" run -c "$config" \
+            --log-level warning >"$RUN/$name.log" 2>&1 &
     fi
     PIDS+=("$!")
     wait_port "$port"
@@ -170,8 +177,9 @@ for c in sorted({c for _, c in rows}):
         p50 = statistics.median(r[1] for r in v)
         p99 = statistics.median(r[2] for r in v)
         vs_nginx = f"{100 * med[name] / med['nginx']:.0f}%"
-        vs_plain = ("" if name in ("nginx", "wasmgate")
-                    else f"{100 * med[name] / med['wasmgate']:.0f}%")
+        plain = "before-wasmgate" if name.startswith("before-") else "wasmgate"
+        vs_plain = ("" if name in ("nginx", plain)
+                    else f"{100 * med[name] / med[plain]:.0f}%")
         print(f"| {name} | {c} | {med[name]:.0f} | {p50:.2f} | {p99:.2f} "
               f"| {sum(r[3] for r in v)} | {vs_nginx} | {vs_plain} |")
 EOF

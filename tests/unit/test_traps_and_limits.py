@@ -31,6 +31,24 @@ def test_infinite_loop_hits_the_cpu_deadline_and_the_host_goes_on() -> None:
     assert emulator.failed
 
 
+@pytest.mark.parametrize("pause", [0.0, 0.1])
+def test_each_callback_gets_its_whole_cpu_budget(pause: float) -> None:
+    """The deadline is set again only when the epoch ticked since it was last set (else it
+    would be the same value): a callback right after another (pause 0: the same tick), or
+    after ticks have passed, still runs its whole budget, and no more than one tick over."""
+    emulator = Emulator(WAT / "infinite_loop.wasm",
+                        limits=Limits(callback_seconds=0.2)).start()
+    stream = emulator.http_context()
+    assert stream.context is not None
+    stream.context._ensure_created()  # a guest call (proxy_on_context_create) sets a deadline
+    time.sleep(pause)
+    started = time.monotonic()
+    stream.request_headers({":path": "/"})
+    elapsed = time.monotonic() - started
+    assert emulator.crashes[0].info.trap_code == "interrupt"
+    assert 0.2 - 0.011 <= elapsed < 0.2 + 0.01 + 0.2  # (+0.2: a loaded machine's scheduling)
+
+
 def test_deadline_does_not_block_other_threads() -> None:
     """A spinning plugin releases the GIL: another Python thread keeps running."""
     emulator = Emulator(WAT / "infinite_loop.wasm",

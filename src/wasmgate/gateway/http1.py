@@ -13,6 +13,7 @@ from ..runtime.serde import Pairs
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                         b"te", b"upgrade", b"trailer", b"proxy-authenticate",
                         b"proxy-authorization"})
+_SPECIAL = HOP_BY_HOP | {b"content-length"}
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -60,18 +61,27 @@ def choose_framing(headers: Pairs, end_of_stream: bool) -> tuple[Pairs, Framing]
 
 
 def request_head(method: bytes, target: bytes, headers: Pairs) -> bytes:
-    lines = [method + b" " + target + b" HTTP/1.1\r\n"]
-    lines.extend(k + b": " + v + b"\r\n" for k, v in headers)
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines += [k + b": " + v for k, v in headers]  # (a list: no generator frame per line)
     lines.append(b"\r\n")
-    return b"".join(lines)
+    return b"\r\n".join(lines)
 
 
 def response_head(status: int, headers: Pairs, version: bytes = b"1.1") -> bytes:
-    reason = _REASONS.get(status, b"Unknown")
-    lines = [b"HTTP/" + version + b" %d " % status + reason + b"\r\n"]
-    lines.extend(k + b": " + v + b"\r\n" for k, v in headers)
+    lines = [_STATUS_LINES.get((status, version)) or _status_line(status, version)]
+    lines += [k + b": " + v for k, v in headers]
     lines.append(b"\r\n")
-    return b"".join(lines)
+    return b"\r\n".join(lines)
+
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(status: int, version: bytes) -> bytes:
+    line = b"HTTP/" + version + b" %d " % status + _REASONS.get(status, b"Unknown")
+    if len(_STATUS_LINES) < 1024:
+        _STATUS_LINES[(status, version)] = line
+    return line
 
 
 def simple_response(status: int, body: bytes, *, content_type: bytes = b"text/plain",
@@ -93,18 +103,24 @@ def response_headers_out(headers: Pairs, eos: bool, head_request: bool,
     status_raw = b"502"
     length: bytes | None = None
     out: Pairs = []
+    append = out.append
     tokens: set[bytes] | None = None
-    for key, value in headers:
-        if key == b":status":
-            status_raw = value
-        elif key == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",") if t.strip()}
-        elif key[:1] == b":" or key in HOP_BY_HOP:
-            continue
-        else:
+    for pair in headers:  # (the pair itself is kept: no new tuple per header)
+        key = pair[0]
+        if key in _SPECIAL:
             if key == b"content-length":
-                length = value
-            out.append((key, value))
+                length = pair[1]
+                append(pair)
+            elif key == b"connection":
+                value = pair[1].lower()
+                # `keep-alive` names a hop-by-hop header anyway: no set to build
+                tokens = None if value == b"keep-alive" else {
+                    t.strip() for t in value.split(b",") if t.strip()}
+        elif key[:1] == b":":
+            if key == b":status":
+                status_raw = pair[1]
+        else:
+            append(pair)
     if tokens:
         out = [(k, v) for k, v in out if k not in tokens]
     if status is None:  # from the :status pseudo-header (what plugins see and may change)

@@ -36,12 +36,11 @@ from .http1 import (
     HOP_BY_HOP,
     Framing,
     header_value,
-    request_head,
     response_head,
     response_headers_out,
     simple_response,
 )
-from .upstream import Endpoint, UpstreamConnection
+from .upstream import Endpoint, EndpointPool, UpstreamConnection, UpstreamPools
 
 if TYPE_CHECKING:
     from .proxy import ProxyState
@@ -61,12 +60,17 @@ def _attributes(conn: DownstreamProtocol, route: RouteTarget | None, version: st
             "xds.cluster_name": route.cluster_name if route else ""}
 
 
+_UUID_MASK = ~(0xF000 << 64) & ~(0xC000 << 48)
+_UUID_BITS = (0x4000 << 64) | (0x8000 << 48)  # version 4, variant 10
+
+
 def _request_id() -> bytes:
     """A version-4 UUID from the fast PRNG (ids need uniqueness, not secrecy)."""
-    n = (getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
-    h = b"%032x" % n
-    return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
+    h = b"%032x" % (getrandbits(128) & _UUID_MASK | _UUID_BITS)
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 access_log = logging.getLogger("wasmgate.access")
+_TIMER_SLACK = 0.001
+_HEAD_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 
 @dataclass
@@ -79,11 +83,19 @@ class RouteTarget:
     timeout: float = 15.0
     connect_timeout: float = 5.0
     _next: int = field(default=0, repr=False)
+    # the pools of `endpoints`, looked up once per UpstreamPools (not hashed per request)
+    _pools_of: UpstreamPools | None = field(default=None, repr=False, compare=False)
+    _pools: list[EndpointPool] = field(default_factory=list, repr=False, compare=False)
 
-    def pick(self) -> Endpoint:
-        endpoint = self.endpoints[self._next % len(self.endpoints)]
+    def pick(self, pools: UpstreamPools) -> tuple[Endpoint, EndpointPool]:
+        """The next endpoint (round robin) and its pool of keep-alive connections."""
+        endpoints = self.endpoints
+        index = self._next % len(endpoints)
         self._next += 1
-        return endpoint
+        if self._pools_of is not pools or len(self._pools) != len(endpoints):
+            self._pools = [pools.pool(endpoint) for endpoint in endpoints]
+            self._pools_of = pools
+        return endpoints[index], self._pools[index]
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -105,6 +117,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self._current: Exchange | None = None
         self._out: list[bytes] = []
         self._flush_pending = False
+        # Upstream response deadlines: one timer per connection, at the earliest deadline of
+        # its exchanges (not one TimerHandle per request); see `arm_deadline`.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +149,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for exchange in list(self.exchanges):
             exchange.abort("downstream_remote_disconnect")
         self.exchanges.clear()
@@ -177,7 +197,10 @@ class DownstreamProtocol(asyncio.Protocol):
             self._out.append(data)
             if not self._flush_pending:
                 self._flush_pending = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                loop.call_soon(self._flush)
         else:
             exchange.pending_output.append(data)
 
@@ -205,6 +228,42 @@ class DownstreamProtocol(asyncio.Protocol):
                 if not head.keep_alive:
                     self.close()
                     return
+
+    # -- upstream response deadlines -----------------------------------------------------------
+    def arm_deadline(self, exchange: Exchange, timeout: float) -> None:
+        """`exchange` times out `timeout` s from now unless its response headers come first
+        (it clears `exchange.deadline`). The connection's one timer fires at the earliest
+        pending deadline; an exchange whose deadline is later waits for a re-arm then."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        due = exchange.deadline = loop.time() + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer_at = due
+            self._timer = loop.call_at(due, self._deadlines_due)
+        elif due < self._timer_at:  # a shorter route timeout than the pending one
+            timer.cancel()
+            self._timer_at = due
+            self._timer = loop.call_at(due, self._deadlines_due)
+
+    def _deadlines_due(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        # the event loop's timers are as coarse as its clock (uvloop: 1 ms)
+        now = loop.time() + _TIMER_SLACK
+        nearest = 0.0
+        for exchange in tuple(self.exchanges):  # a timeout may finish exchanges
+            due = exchange.deadline
+            if due:
+                if due <= now:
+                    exchange._on_timeout()
+                elif not nearest or due < nearest:
+                    nearest = due
+        if nearest and not self.closing and self._timer is None:
+            self._timer_at = nearest
+            self._timer = loop.call_at(nearest, self._deadlines_due)
 
     def close(self) -> None:
         self._flush()
@@ -243,7 +302,7 @@ class Exchange:
         self._request_framing: Framing | None = None
         self._response_framing: Framing | None = None
         self._response_started = False
-        self._timeout: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # when the upstream response times out (0: no deadline armed)
         self._finished = False
         self._body_ended = False
         self.headers, length, chunked = self._request_pairs(target, headers)
@@ -298,16 +357,13 @@ class Exchange:
         return _attributes(self.connection, self.route, self.version, time.time_ns())
 
     def start(self) -> None:
-        eos = not self._has_body()
+        eos = not self._expects_body
         self.state.stats.requests += 1
         if self.stream is None:  # no plugins: straight to the upstream, no action objects
             self._forward_headers(self.headers, eos)
             return
         self.stream.request_headers(self.headers, eos, normalized=True)
         self._drain()
-
-    def _has_body(self) -> bool:
-        return self._expects_body
 
     def request_body(self, data: bytes) -> None:
         eos = False
@@ -322,7 +378,7 @@ class Exchange:
         self._drain()
 
     def request_end(self) -> None:
-        if not self._has_body() or self._body_ended:
+        if not self._expects_body or self._body_ended:
             return
         self._body_ended = True
         if self.stream is None:
@@ -382,29 +438,28 @@ class Exchange:
             method, head = self._head(headers, eos)
         self._request_head = head if eos and method in (b"GET", b"HEAD", b"OPTIONS") else None
         self._upstream_queue = [head]
-        endpoint = self._pick(route)
-        pool = self.state.pools.pool(endpoint)
+        pool = self._pick(route)
         idle = pool.take_idle()
         if idle is not None:  # the common case: no task, no await
             self._attach(idle, method == b"HEAD")
         else:
             asyncio.get_running_loop().create_task(
-                self._connect(route, endpoint, method == b"HEAD"))
+                self._connect(route, pool, method == b"HEAD"))
         if eos:
             self._arm_timeout()
 
-    def _pick(self, route: RouteTarget) -> Endpoint:
-        """The route's next endpoint; plugins then read it as Envoy's `upstream.address` /
-        `upstream.port` (e.g. gpustack-token-usage tells upstream traffic from local replies
-        by it)."""
-        endpoint = route.pick()
+    def _pick(self, route: RouteTarget) -> EndpointPool:
+        """The pool of the route's next endpoint; plugins then read it as Envoy's
+        `upstream.address` / `upstream.port` (e.g. gpustack-token-usage tells upstream traffic
+        from local replies by it)."""
+        endpoint, pool = route.pick(self.state.pools)
         if self.stream is not None:
-            address = f"{endpoint.host}:{endpoint.port}"
+            address = endpoint.address
             for f in self.stream.filters:
                 if f.context is not None:
                     f.context.state.add_attribute("upstream.address", address)
                     f.context.state.add_attribute("upstream.port", endpoint.port)
-        return endpoint
+        return pool
 
     def _head(self, headers: Pairs, eos: bool) -> tuple[bytes, bytes]:
         """Method and upstream head from the headers plugins left: the pseudo-headers give
@@ -414,60 +469,66 @@ class Exchange:
         method = path = authority = connection = length = None
         out: Pairs = []
         append = out.append
-        for key, value in headers:
-            if key[:1] == b":":
+        for pair in headers:  # (the pair itself is kept: no new tuple per header)
+            key = pair[0]
+            if key in _HEAD_SPECIAL:  # hop-by-hop or content-length
+                if key == b"content-length":
+                    if length is None:
+                        length = pair[1]
+                    append(pair)
+                elif key == b"connection" and connection is None:
+                    connection = pair[1]
+            elif key[:1] == b":":
                 if key == b":method":
                     if method is None:
-                        method = value
+                        method = pair[1]
                 elif key == b":path":
                     if path is None:
-                        path = value
+                        path = pair[1]
                 elif key == b":authority" and authority is None:
-                    authority = value
-                continue
-            if key in HOP_BY_HOP:
-                if key == b"connection" and connection is None:
-                    connection = value
-                continue
-            if key == b"content-length" and length is None:
-                length = value
-            append((key, value))
+                    authority = pair[1]
+            else:
+                append(pair)
         if connection:
             named = {t.strip().lower() for t in connection.split(b",") if t.strip()}
             if named:
                 out = [(k, v) for k, v in out if k not in named]
                 length = header_value(out, b"content-length")
+        method = method or self.method
+        lines = [method + b" " + (path or b"/") + b" HTTP/1.1"]
         if authority:
-            out.insert(0, (b"host", authority))
+            lines.append(b"host: " + authority)
+        lines += [k + b": " + v for k, v in out]
         if length is not None and length.isdigit():
             self._request_framing = Framing(False, int(length))
         elif eos:
             self._request_framing = Framing(False, 0)
         else:
-            out.append((b"transfer-encoding", b"chunked"))
+            lines.append(b"transfer-encoding: chunked")
             self._request_framing = Framing(True, None)
-        return method or self.method, request_head(method or self.method, path or b"/", out)
+        lines.append(b"\r\n")
+        return method, b"\r\n".join(lines)
 
     def _plain_head(self, headers: Pairs, eos: bool) -> bytes:
         """No plugins touched the headers: what `_request_pairs` saw decides the framing, and
         no header named by `Connection` needs removing (`_plain`)."""
-        out: Pairs = [(b"host", headers[2][1])]
-        out += [(k, v) for k, v in headers[4:] if k not in HOP_BY_HOP]
+        lines = [self.method + b" " + headers[1][1] + b" HTTP/1.1", b"host: " + headers[2][1]]
+        lines += [k + b": " + v for k, v in headers[4:] if k not in HOP_BY_HOP]
         if self._remaining is not None or eos:
             self._request_framing = None
         else:
-            out.append((b"transfer-encoding", b"chunked"))
+            lines.append(b"transfer-encoding: chunked")
             self._request_framing = Framing(True, None)
-        return request_head(self.method, headers[1][1], out)
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
-    async def _connect(self, route: RouteTarget, endpoint: Endpoint, head_request: bool,
+    async def _connect(self, route: RouteTarget, pool: EndpointPool, head_request: bool,
                        fresh: bool = False) -> None:
         try:
-            pool = self.state.pools.pool(endpoint)
             connection = await (pool.connect(route.connect_timeout) if fresh
                                 else pool.acquire(route.connect_timeout))
         except (OSError, TimeoutError) as exc:
-            log.debug("connect to %s failed: %s", endpoint, exc)
+            log.debug("connect to %s failed: %s", pool.endpoint, exc)
             self.state.stats.upstream_connect_failures += 1
             self.on_upstream_error("upstream_reset_before_response_started{connection_failure}",
                                    503)
@@ -489,12 +550,11 @@ class Exchange:
             self._upstream.write(data)
 
     def _arm_timeout(self) -> None:
-        if self._timeout is None and self.route is not None and self.route.timeout > 0:
-            self._timeout = asyncio.get_running_loop().call_later(
-                self.route.timeout, self._on_timeout)
+        if not self.deadline and self.route is not None and self.route.timeout > 0:
+            self.connection.arm_deadline(self, self.route.timeout)
 
     def _on_timeout(self) -> None:
-        self._timeout = None
+        self.deadline = 0.0
         if not self._response_started and not self._finished:
             self.state.stats.upstream_timeouts += 1
             if self._upstream is not None:
@@ -518,9 +578,7 @@ class Exchange:
 
     # -- upstream response (ResponseSink) ----------------------------------------------------
     def on_response_headers(self, status: int, headers: Pairs, end_of_stream: bool) -> None:
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self.deadline = 0.0
         if self.stream is None:
             self._send_headers(headers, end_of_stream, "", status)
         else:
@@ -627,12 +685,12 @@ class Exchange:
             return
         self.response_done = True
         self._finished = True
-        if self._timeout is not None:
-            self._timeout.cancel()
+        self.deadline = 0.0
         if self.stream is not None:
             self.stream.complete()
         self.state.stats.record(self.status, time.monotonic() - self.started_at)
-        self._access_log()
+        if access_log.isEnabledFor(logging.INFO):
+            self._access_log()
         self.connection.finished(self)
 
     def abort(self, details: str) -> None:
@@ -641,8 +699,7 @@ class Exchange:
             return
         self._finished = True
         self.details = self.details or details
-        if self._timeout is not None:
-            self._timeout.cancel()
+        self.deadline = 0.0
         if self._upstream is not None:
             self._upstream.abandon()
             self._upstream = None
@@ -651,9 +708,8 @@ class Exchange:
         self.state.stats.record(self.status or 0, time.monotonic() - self.started_at)
 
     def _access_log(self) -> None:
-        if access_log.isEnabledFor(logging.INFO):
-            path = header_value(self.headers, b":path") or b""
-            access_log.info('%s "%s %s HTTP/%s" %d %s %d %.1fms', self.connection.peer[0],
-                            self.method.decode(), path.decode("latin-1"), self.version,
-                            self.status, self.details or "-", self.bytes_sent,
-                            (time.monotonic() - self.started_at) * 1000)
+        path = header_value(self.headers, b":path") or b""
+        access_log.info('%s "%s %s HTTP/%s" %d %s %d %.1fms', self.connection.peer[0],
+                        self.method.decode(), path.decode("latin-1"), self.version,
+                        self.status, self.details or "-", self.bytes_sent,
+                        (time.monotonic() - self.started_at) * 1000)

@@ -8,6 +8,7 @@ timeouts are reported as errors with Envoy's details, so the caller can answer 5
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -41,6 +42,11 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @functools.cached_property
+    def address(self) -> str:
+        """`host:port`, as plugins read Envoy's `upstream.address`."""
+        return f"{self.host}:{self.port}"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -93,8 +99,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None and hasattr(self.sink, "upstream_paused"):
             self.sink.upstream_paused(False)
 
+    reading_paused = False  # by `pause_reading` (a slow client)
+
     def pause_reading(self, paused: bool) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = paused
             if paused:
                 self.transport.pause_reading()
             else:
@@ -117,10 +126,16 @@ class UpstreamConnection(asyncio.Protocol):
         no_body = self._head_request or status in (204, 304) or 100 <= status < 200
         if self._head_request:  # nothing follows the headers: end the message here
             self._reusable = False
-        length = next((v for k, v in self._headers if k == b"content-length"), None)
+        length = None
+        chunked = False
+        for key, value in self._headers:  # (one pass; no generator frames)
+            if key == b"content-length":
+                if length is None:
+                    length = value
+            elif key == b"transfer-encoding":
+                chunked = True
         self._remaining = int(length) if length is not None and length.isdigit() else None
-        self._close_delimited = length is None and not any(
-            k == b"transfer-encoding" for k, _ in self._headers)
+        self._close_delimited = length is None and not chunked
         if length == b"0":
             no_body = True
         if self.sink is not None:
@@ -220,7 +235,8 @@ class EndpointPool:
         return protocol
 
     def release(self, connection: UpstreamConnection) -> None:
-        connection.pause_reading(False)  # a connection paused for a slow client reads again
+        if connection.reading_paused:  # a connection paused for a slow client reads again
+            connection.pause_reading(False)
         if len(self.idle) < self.max_idle:
             self.idle.append(connection)
         else:

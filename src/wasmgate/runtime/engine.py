@@ -5,10 +5,17 @@ cache key (wasmtime version + these settings) is one value. CPU deadlines use ep
 interruption: a daemon thread bumps the engine's epoch every `EPOCH_TICK_SECONDS`; a guest call
 gets a deadline of N ticks and traps with `interrupt` once it passes. Guest calls release the
 GIL (ctypes), so the ticker runs even while a plugin spins.
+
+`EPOCH.count` mirrors the engine's epoch (which wasmtime does not expose): a VM whose last
+deadline was set at the count still current skips setting it again (the same deadline). The
+ticker bumps the count before the engine's epoch, both under `EPOCH.lock`, and a deadline is
+set under the lock too; so outside the lock the count is never behind the engine's epoch, and
+an equal count means the engine's epoch is the one the deadline was computed from.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +47,17 @@ def wasmtime_version() -> str:
     return version("wasmtime")
 
 
+class EpochCount:
+    """The ticks so far (see the module's docstring); `lock` orders them with deadlines."""
+
+    __slots__ = ("count", "lock")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+
+EPOCH = EpochCount()
 _engine: wasmtime.Engine | None = None
 _engine_settings: EngineSettings | None = None
 _lock = threading.Lock()
@@ -73,12 +91,27 @@ def _start_ticker(engine: wasmtime.Engine) -> None:
     global _ticker
 
     def tick() -> None:
+        epoch = EPOCH
         while True:
             time.sleep(EPOCH_TICK_SECONDS)
-            engine.increment_epoch()
+            with epoch.lock:
+                epoch.count += 1  # first: never behind the engine's epoch outside the lock
+                engine.increment_epoch()
 
     _ticker = threading.Thread(target=tick, name="wasmgate-epoch", daemon=True)
     _ticker.start()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no ticker thread, and the parent's may have held the lock: a new
+    lock, and a ticker again if the engine exists."""
+    EPOCH.lock = threading.Lock()
+    if _engine is not None:
+        _start_ticker(_engine)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def ticks_for(seconds: float) -> int:

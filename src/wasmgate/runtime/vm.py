@@ -30,7 +30,7 @@ from .crossings import (
     error_frames,
     set_epoch_deadline,
 )
-from .engine import shared_engine, ticks_for
+from .engine import EPOCH, shared_engine, ticks_for
 from .errors import (
     Frame,
     MissingImport,
@@ -119,6 +119,9 @@ class WasmVM:
         self.tracer.enabled = plugin.log_level == LogLevel.TRACE
         self._callback_ticks = ticks_for(limits.callback_seconds)
         self._startup_ticks = ticks_for(limits.startup_seconds)
+        # the deadline last set: at which EPOCH.count, for how many ticks (-1: not by call)
+        self._armed_epoch = -1
+        self._armed_ticks = -1
         self.store = wasmtime.Store(shared_engine())
         self.store.set_limits(memory_size=limits.memory_bytes)
         self.state = CallerState(context_address(self.store))
@@ -196,14 +199,20 @@ class WasmVM:
             return None
         if self.failed is not None:
             raise PluginFailed(f"plugin {self.plugin.name!r} has failed: {self.failed.message}")
-        saved = (self.current_context_id, self.effective_context_id)
+        saved_current, saved_effective = self.current_context_id, self.effective_context_id
         if context_id is not None:
             self.current_context_id = context_id
         self.effective_context_id = None
-        ctx = self.state.context()
+        state = self.state
         if self._depth == 0:
-            set_epoch_deadline(ctx, self._startup_ticks if self.in_vm_start_or_configure
-                               else self._callback_ticks)
+            ctx = state.store_context if state.caller is None else state.context()
+            ticks = self._startup_ticks if self.in_vm_start_or_configure else self._callback_ticks
+            # The deadline is (engine epoch now + ticks): while no tick has passed since it
+            # was set for as many ticks, setting it again would set the same value.
+            if EPOCH.count != self._armed_epoch or ticks != self._armed_ticks:
+                self._arm(ctx, ticks)
+        else:
+            ctx = state.context()
         tracing = self.tracer.enabled
         if tracing:
             self.tracer.guest_call(name, args)
@@ -216,12 +225,19 @@ class WasmVM:
             raise PluginTrap(info) from None
         finally:
             self._depth -= 1
-            self.current_context_id, self.effective_context_id = saved
+            self.current_context_id, self.effective_context_id = saved_current, saved_effective
         if tracing:
             self.tracer.guest_return(name, result)
         if self._depth == 0 and self._after_call:
             self._run_after_call()
         return result
+
+    def _arm(self, ctx: int, ticks: int) -> None:
+        """Set the CPU deadline `ticks` from the engine's epoch now (see engine.EPOCH)."""
+        with EPOCH.lock:  # no tick between reading the count and setting the deadline
+            set_epoch_deadline(ctx, ticks)
+            self._armed_epoch = EPOCH.count
+        self._armed_ticks = ticks
 
     def defer(self, action: Callable[[], None]) -> None:
         """Run `action` once the outermost guest call returns (Envoy's after-VM-call actions)."""
