@@ -15,6 +15,7 @@ from ..conftest import missing
 from .conftest import WASMGATE, Gateway, free_port
 from .test_gateway import conformance, gateway_doc
 from .test_redis import REDIS_SERVER, RedisServer
+from .test_shared_workers import local_rate_limiter
 
 Start = Callable[..., Gateway]
 REQUESTS = 12
@@ -111,15 +112,7 @@ LIMIT = 5
 def test_higress_rate_limit_local_mode_is_one_limit_across_gateways(
         start_gateway: Start, upstream: str, server: RedisServer) -> None:
     server.command("FLUSHALL")
-    try:
-        from ..real.test_higress_gateway import wasm_plugin
-        config = {"rule_name": "rl", "enable_on_path_suffix": ["*"],
-                  "limit_combinations": [{"name": "per-consumer",
-                                          "match": [{"source": "consumer", "value": "*"}],
-                                          "query_limits": {"per_minute": LIMIT}}]}
-        plugin = wasm_plugin("gpustack-rate-limit", config)
-    except Exception as exc:  # the wheel comes from PyPI on first use
-        missing(f"Higress plugins unavailable: {exc}")
+    plugin = local_rate_limiter(LIMIT)
     gateways = two_gateways(start_gateway, shared_doc(upstream, server.port) + plugin)
     alice = {"x-mse-consumer": "alice"}
     statuses = [get(gateways[i % 2], f"/v1/models?i={i}", alice) for i in range(REQUESTS)]

@@ -71,17 +71,24 @@ def test_cas_mismatch_across_workers(start_gateway: Start, upstream: str) -> Non
 LIMIT = 5
 
 
-def test_higress_rate_limit_local_mode_is_one_limit(start_gateway: Start,
-                                                     upstream: str) -> None:
+def local_rate_limiter(per_minute: int) -> str:
+    """The Higress rate limiter in local mode (its counters in shared data), as a WasmPlugin
+    document: `per_minute` requests per consumer."""
     try:
         from ..real.test_higress_gateway import wasm_plugin
         config = {"rule_name": "rl", "enable_on_path_suffix": ["*"],
                   "limit_combinations": [{"name": "per-consumer",
                                           "match": [{"source": "consumer", "value": "*"}],
-                                          "query_limits": {"per_minute": LIMIT}}]}
-        plugin = wasm_plugin("gpustack-rate-limit", config)
+                                          "query_limits": {"per_minute": per_minute}}]}
+        return wasm_plugin("gpustack-rate-limit", config)
     except Exception as exc:  # the wheel comes from PyPI on first use
         missing(f"Higress plugins unavailable: {exc}")
+        raise
+
+
+def test_higress_rate_limit_local_mode_is_one_limit(start_gateway: Start,
+                                                     upstream: str) -> None:
+    plugin = local_rate_limiter(LIMIT)
     gateway = start_gateway(gateway_doc(upstream) + plugin, "--workers", "2")
     statuses = [get(gateway, f"/v1/models?i={i}", {"x-mse-consumer": "alice"})
                 for i in range(REQUESTS)]

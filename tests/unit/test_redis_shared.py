@@ -27,6 +27,7 @@ from ..conftest import missing
 from ..e2e.conftest import free_port
 from ..e2e.test_redis import REDIS_SERVER, RedisServer
 from .api.helpers import load_docs
+from .test_shared_store import _increment
 
 try:  # the `redis` extra (in `test`)
     import redis
@@ -348,24 +349,6 @@ def test_a_hung_redis_costs_one_timeout(caplog: pytest.LogCaptureFixture) -> Non
         assert 0.09 < elapsed < 0.6, elapsed  # the PING timed out; the 20 calls failed at once
         assert "unreachable" in caplog.text
         store.close()
-
-
-def _increment(store: Any, rounds: int, results: Any, go: Any) -> None:
-    """CAS-increment one counter `rounds` times, as a rate limiter does."""
-    done = mismatches = 0
-    results.put("ready")
-    go.wait(60)
-    for _ in range(rounds):
-        while True:
-            found = store.get("vm", b"counter")
-            value, cas = (int(found[0]), found[1]) if found else (0, 0)
-            status = store.set("vm", b"counter", b"%d" % (value + 1), cas)
-            if status == Status.OK:
-                done += 1
-                break
-            assert status == Status.CAS_MISMATCH, status
-            mismatches += 1
-    results.put((done, mismatches))
 
 
 def test_no_lost_updates_from_four_processes(rstore: Any) -> None:

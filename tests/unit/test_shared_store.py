@@ -101,7 +101,7 @@ def test_not_a_store_file(tmp_path: Path) -> None:
         ProcessSharedData.attach(path)
 
 
-def _increment(store: ProcessSharedData, rounds: int, results: multiprocessing.Queue,
+def _increment(store: SharedDataStore, rounds: int, results: multiprocessing.Queue,
                go: Any) -> None:
     """CAS-increment one counter `rounds` times, as a rate limiter does; report the successes."""
     done = 0
