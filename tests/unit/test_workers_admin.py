@@ -109,3 +109,32 @@ def test_a_reused_pid_is_not_the_worker() -> None:
 def _state_letter(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_zombie_leader_with_threads_left_has_not_exited() -> None:
+    """SIGKILL makes the leader thread a zombie before the other threads are gone, and the
+    process's files (its listening socket) close only with its last thread: until then the
+    worker has not exited, or traffic is sent to a listener still being torn down."""
+    code = ("import ctypes, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "time.sleep(0.2)\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n")  # the leader ends; its thread stays
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while _proc_state(child.pid) != "Z":
+            assert time.monotonic() < deadline, "the leader never became a zombie"
+            time.sleep(0.02)
+        assert _alive(child.pid)  # a thread still runs: not exited
+        child.kill()
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert not _alive(child.pid)  # reaped: gone
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0].decode()

@@ -389,5 +389,10 @@ def _alive(pid: int, start: int = 0) -> bool:
             return True
         return True
     if fields[:1] == [b"Z"]:
-        return False
+        # The leader thread is a zombie, but the process has exited only when its last thread
+        # has: until then its files (its listening socket among them) stay open.
+        try:
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
+        except OSError:
+            return False
     return not start or fields[19:20] == [str(start).encode()]
