@@ -3,7 +3,8 @@
 Plugin-defined metrics are one set across the workers (a memory-mapped file); the gateway and
 per-plugin stats are per worker and worker 0 sums them at scrape time. Each request opens a new
 connection, so the kernel (SO_REUSEPORT) spreads them over both workers (/plugins shows each
-worker's stream count, which proves it).
+worker's stream count, which proves it). The parent respawns a worker that dies; the tests of
+an exited worker stop the parent first (`no_respawn`) so that it stays exited.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import json
 import os
 import re
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from wasmgate.gateway.admin import _alive
 from wasmgate.gateway.shared_metrics import ProcessMetricStore
 
 from .conftest import Gateway
@@ -57,6 +61,17 @@ def start(start_gateway: Start, upstream: str) -> Gateway:
     assert [(w["state"], [p["status"] for p in w["plugins"]]) for w in workers(gateway)] \
         == [("up", ["ready"]), ("up", ["ready"])]
     return gateway
+
+
+@contextmanager
+def no_respawn(gateway: Gateway) -> Iterator[None]:
+    """The parent stopped (SIGSTOP): a worker killed meanwhile is not respawned (it stays a
+    zombie, which the admin takes for exited)."""
+    os.kill(gateway.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(gateway.process.pid, signal.SIGCONT)
 
 
 def send(gateway: Gateway, count: int) -> None:
@@ -116,17 +131,18 @@ def test_a_stopped_or_dead_worker_does_not_break_the_scrape(start_gateway: Start
         assert workers(gateway)[1]["state"] == "not answering"
     finally:
         os.kill(pid, signal.SIGCONT)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while workers(gateway)[1]["state"] != "exited":
-        assert time.monotonic() < deadline, workers(gateway)
-        time.sleep(0.05)
-    assert gateway.admin_get("/ready") == (200, b"LIVE\n")  # an exited worker is left out
-    send(gateway, 5)  # all served by worker 0 now
-    text = scrape(gateway)
-    assert value(text, 'wasmgate_worker_up{worker="1"}') == 0
-    assert value(text, "wasmgate_requests_total") == REQUESTS + 5
-    assert value(text, "e2e_requests_total") == REQUESTS + 5
+    with no_respawn(gateway):
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while workers(gateway)[1]["state"] != "exited":
+            assert time.monotonic() < deadline, workers(gateway)
+            time.sleep(0.05)
+        assert gateway.admin_get("/ready") == (200, b"LIVE\n")  # an exited worker is left out
+        send(gateway, 5)  # all served by worker 0 now
+        text = scrape(gateway)
+        assert value(text, 'wasmgate_worker_up{worker="1"}') == 0
+        assert value(text, "wasmgate_requests_total") == REQUESTS + 5
+        assert value(text, "e2e_requests_total") == REQUESTS + 5
 
 
 def worker_lines(gateway: Gateway, index: int, needle: str) -> int:
@@ -186,13 +202,14 @@ def test_an_exited_workers_gauges_leave_the_sums(start_gateway: Start, upstream:
     send(gateway, REQUESTS)
     memory = f'wasmgate_plugin_vm_memory_bytes{{plugin="{PLUGIN}"}}'
     pid = workers(gateway)[1]["pid"]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while workers(gateway)[1]["state"] != "exited":
-        assert time.monotonic() < deadline, workers(gateway)
-        time.sleep(0.05)
-    text = scrape(gateway)
-    own = gateway.admin_json("/stats/worker")["plugins"][0]["memory_bytes"]
+    with no_respawn(gateway):
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while workers(gateway)[1]["state"] != "exited":
+            assert time.monotonic() < deadline, workers(gateway)
+            time.sleep(0.05)
+        text = scrape(gateway)
+        own = gateway.admin_json("/stats/worker")["plugins"][0]["memory_bytes"]
     assert own > 0 and value(text, memory) == own  # worker 0's VM only
     assert value(text, f'wasmgate_plugin_ready{{plugin="{PLUGIN}"}}') == 1
     # counters keep the exited worker's last numbers
@@ -225,11 +242,108 @@ def test_a_reused_pid_is_an_exited_worker(start_gateway: Start, upstream: str) -
     try:
         pid, _, started = store.worker_entries()[1]
         assert started > 0
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-        # the pid now names another live process (this one), started at another time
-        store.set_worker(1, pid=os.getpid(), start=started)
-        assert workers(gateway)[1]["state"] == "exited"
-        assert gateway.admin_get("/ready") == (200, b"LIVE\n")
+        with no_respawn(gateway):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+            # the pid now names another live process (this one), started at another time
+            store.set_worker(1, pid=os.getpid(), start=started)
+            assert workers(gateway)[1]["state"] == "exited"
+            assert gateway.admin_get("/ready") == (200, b"LIVE\n")
     finally:
         store.close()
+
+
+def test_a_killed_worker_is_respawned(start_gateway: Start, upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    send(gateway, REQUESTS)
+    before = scrape(gateway)
+    assert value(before, "wasmgate_requests_total") == REQUESTS
+    streams = value(before, f'wasmgate_plugin_streams_total{{plugin="{PLUGIN}"}}')
+    old = workers(gateway)[1]["pid"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not ((w := workers(gateway)[1])["pid"] != old and w["state"] == "up"
+               and w["plugins"] and w["plugins"][0]["status"] == "ready"):
+        assert time.monotonic() < deadline, w
+        time.sleep(0.05)
+    assert gateway.admin_get("/ready") == (200, b"LIVE\n")
+    assert f"worker 1 (pid {old}) was killed by signal SIGKILL" in gateway.logs()
+    # counters never go backwards: the old process's last numbers stay in the sums
+    text = scrape(gateway)
+    assert value(text, "wasmgate_requests_total") == REQUESTS
+    assert value(text, f'wasmgate_plugin_streams_total{{plugin="{PLUGIN}"}}') == streams
+    assert value(text, 'wasmgate_worker_up{worker="1"}') == 1
+    send(gateway, REQUESTS)  # both workers serve again
+    new = workers(gateway)
+    assert new[1]["plugins"][0]["streams"] > 0, new
+    text = scrape(gateway)
+    assert value(text, "wasmgate_requests_total") == 2 * REQUESTS
+    assert value(text, 'wasmgate_request_duration_seconds_count') == 2 * REQUESTS
+    assert value(text, f'wasmgate_plugin_streams_total{{plugin="{PLUGIN}"}}') \
+        == streams + REQUESTS
+    assert value(text, "e2e_requests_total") == 2 * REQUESTS
+    # gauges: the live processes' only
+    memory = [w["plugins"][0]["memory_bytes"] for w in new]
+    assert value(text, f'wasmgate_plugin_vm_memory_bytes{{plugin="{PLUGIN}"}}') == sum(memory)
+    assert value(text, f'wasmgate_plugin_ready{{plugin="{PLUGIN}"}}') == 1
+    # SIGTERM to the parent: every worker drains and stops, none is respawned, exit 0
+    pids = [w["pid"] for w in new]
+    gateway.process.send_signal(signal.SIGTERM)
+    assert gateway.process.wait(20) == 0
+    assert gateway.logs().count("starting a new one") == 1
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_a_worker_killed_again_and_again_is_respawned(start_gateway: Start,
+                                                      upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    for round_ in range(1, 3):  # the second within seconds of the first: a longer backoff
+        send(gateway, REQUESTS)
+        old = workers(gateway)[1]["pid"]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (w := workers(gateway)[1])["pid"] == old or w["state"] != "up" \
+                or gateway.admin_get("/ready")[0] != 200:  # its plugins loaded too
+            assert time.monotonic() < deadline, w
+            time.sleep(0.05)
+        assert value(scrape(gateway), "wasmgate_requests_total") == round_ * REQUESTS
+    assert "starting a new one in 0.5 s" in gateway.logs()
+    assert "starting a new one in 1 s" in gateway.logs()
+    send(gateway, 5)
+    assert value(scrape(gateway), "wasmgate_requests_total") == 2 * REQUESTS + 5
+
+
+def test_a_respawned_worker_0_serves_the_admin_again(start_gateway: Start,
+                                                     upstream: str) -> None:
+    gateway = start(start_gateway, upstream)
+    send(gateway, REQUESTS)
+    old = gateway.admin_json("/stats/worker")["pid"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:  # the admin address is bound again, by the new worker 0
+        assert time.monotonic() < deadline, gateway.logs()
+        try:
+            if gateway.admin_json("/stats/worker")["pid"] != old \
+                    and gateway.admin_get("/ready")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    assert [w["state"] for w in workers(gateway)] == ["up", "up"]
+    send(gateway, 5)
+    assert value(scrape(gateway), "e2e_requests_total") == REQUESTS + 5
+    gateway.process.send_signal(signal.SIGTERM)
+    assert gateway.process.wait(20) == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway(start_gateway: Start,
+                                                      upstream: str) -> None:
+    with socket.socket() as busy:  # the port is taken (no SO_REUSEPORT): every worker exits 1
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        gateway = start_gateway(gateway_doc(upstream) + conformance("counting", STEPS),
+                                "--workers", "2", "--listen", f"127.0.0.1:{port}", wait=False)
+        assert gateway.process.wait(60) == 1, gateway.logs()
+    assert "before it started: stopping the gateway" in gateway.logs()
+    assert "starting a new one" not in gateway.logs()

@@ -10,11 +10,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from wasmgate.fetch.metrics import FetchMetrics
-from wasmgate.gateway.admin import _alive, _state
+from wasmgate.gateway.admin import AdminServer, WorkerView, _alive, _state
 from wasmgate.gateway.shared_metrics import ProcessMetricStore, process_start_time
 from wasmgate.gateway.stats import (
     GatewayStats,
@@ -138,3 +139,25 @@ def test_a_zombie_leader_with_threads_left_has_not_exited() -> None:
 def _proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat", "rb") as f:
         return f.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def test_a_respawned_workers_predecessors_keep_their_counters() -> None:
+    admin = AdminServer(SimpleNamespace(worker=0))  # type: ignore[arg-type]
+
+    def worker_1(requests: int, streams: int, memory: int) -> dict[str, object]:
+        snap = snapshot([plugin("a", streams, memory)], 1)
+        snap["gateway"] = {**snap["gateway"], "requests": requests}  # type: ignore[dict-item]
+        return snap
+
+    admin._last[1] = worker_1(5, 3, 100)
+    admin._replaced(1)  # a new process: the old one's counters are retained, not its gauges
+    admin._last[1] = worker_1(2, 1, 50)
+    admin._replaced(1)  # and again
+    live = worker_1(4, 2, 70)
+    snaps = admin._snapshots([WorkerView(1, 1234, "up", live)])
+    assert GatewayStats.combined(s["gateway"] for s in snaps).requests == 5 + 2 + 4
+    [merged] = combine_plugins(s["plugins"] for s in snaps)
+    assert (merged["streams"], merged["memory_bytes"], merged["status"]) == (6, 70, "ready")
+    assert combine_fetch(s["fetch"] for s in snaps).cache_entries == 1  # the live one's
+    admin._replaced(1)  # nothing fetched from the process replaced now: nothing to fold
+    assert GatewayStats.combined(s["gateway"] for s in admin._snapshots([])).requests == 7

@@ -17,8 +17,11 @@ Plugin-defined metrics need no gathering: they are one set in the shared file. A
 does not answer in time, or has exited, is reported with `wasmgate_worker_up{worker="N"} 0`.
 A slow worker's last snapshot (if it ever answered) stays in the sums; an exited worker's
 keeps its counters there (they never go backwards) but not its gauges (plugin ready, VM
-memory). /plugins gives each worker's state. /ready answers within READY_TIMEOUT (a kubelet
-probe times out after 1 s by default): 200 once every running worker has started, answered and
+memory). When the workers' table shows a new process (pid, start time) for an index (the
+parent respawned it), the old process's last snapshot is folded into that index's retained
+counters, which stay in the sums, and the new process counts from zero. /plugins gives each
+worker's state. /ready answers within READY_TIMEOUT (a kubelet probe times out after 1 s by
+default): 200 once every running worker has started, answered and
 finished loading its plugins (an exited worker is left out), else 503 naming the workers.
 /logging is applied by worker 0 and then by every other worker (the same request to their
 admins); the answer says what each worker did, and which did not answer (not an error: those
@@ -79,9 +82,13 @@ class AdminServer:
         self.server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._last: dict[int, dict[str, Any]] = {}
+        self._ident: dict[int, tuple[int, int]] = {}  # index -> (pid, start) of _last's process
+        self._retained: dict[int, dict[str, Any]] = {}  # index -> its replaced processes' sums
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port)
+        # SO_REUSEADDR: a respawned worker 0 binds the address its predecessor's connections
+        # may still hold in TIME_WAIT
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
         store, index = self._workers()
         if store is not None and index is not None:
             store.set_worker(index, pid=os.getpid(), port=self.port)
@@ -174,11 +181,30 @@ class AdminServer:
         fetched = await asyncio.gather(*(self._fetch(*w, wait) for w in others))
         views = [WorkerView(getattr(self.app, "worker", 0), os.getpid(), "up", self.snapshot())]
         for (index, pid, port, start), snapshot in zip(others, fetched, strict=True):
+            if self._ident.setdefault(index, (pid, start)) != (pid, start):
+                self._replaced(index)
+                self._ident[index] = (pid, start)
             if snapshot is not None:
                 self._last[index] = snapshot
             state = _state(pid, port, start, snapshot is not None)
             views.append(WorkerView(index, pid, state, snapshot or self._last.get(index)))
         return sorted(views, key=lambda v: v.index)
+
+    def _replaced(self, index: int) -> None:
+        """Worker `index` is a new process (the parent respawned it): fold the old one's last
+        counters into the index's retained sums (counters never go backwards); the new
+        process counts from zero."""
+        old = self._last.pop(index, None)
+        if old is None:
+            return
+        log.info("worker %d is a new process: keeping its predecessor's counters", index)
+        parts = [without_gauges(old), *([self._retained[index]] if index in self._retained
+                                        else [])]
+        self._retained[index] = {
+            "worker": index, "pid": 0,
+            "gateway": GatewayStats.combined(p["gateway"] for p in parts).snapshot(),
+            "plugins": combine_plugins(p["plugins"] for p in parts),
+            "fetch": fetch_snapshot(combine_fetch(p["fetch"] for p in parts))}
 
     async def _fetch(self, index: int, pid: int, port: int, start: int,
                      timeout: float) -> dict[str, Any] | None:
@@ -190,6 +216,7 @@ class AdminServer:
         except ValueError:
             return None
         if not isinstance(snapshot, dict) or snapshot.get("worker") != index \
+                or snapshot.get("pid", pid) != pid \
                 or not {"gateway", "plugins", "fetch"} <= snapshot.keys():
             return None
         return snapshot
@@ -208,11 +235,12 @@ class AdminServer:
                       port, target, exc)
             return None
 
-    @staticmethod
-    def _snapshots(workers: list[WorkerView]) -> list[dict[str, Any]]:
-        """The snapshots to combine: an exited worker's last one without its gauges."""
+    def _snapshots(self, workers: list[WorkerView]) -> list[dict[str, Any]]:
+        """The snapshots to combine: an exited worker's last one without its gauges, then the
+        counters of the processes respawned workers replaced."""
         return [without_gauges(w.snapshot) if w.state == "exited" else w.snapshot
-                for w in workers if w.snapshot is not None]
+                for w in workers if w.snapshot is not None] \
+            + [self._retained[i] for i in sorted(self._retained)]
 
     # -- handlers ----------------------------------------------------------------------------
     def _prometheus(self, method: str, query: list[tuple[str, str]],

@@ -10,16 +10,21 @@ the metrics file's workers' table), and worker 0 gathers their gateway and per-p
 from there for /stats/prometheus, /plugins and /ready, and passes /logging on to them
 (admin.py). A Gateway with
 `spec.sharedData: redis://...` puts shared data in that Redis instead (each worker connects).
+The parent supervises the workers (`_Supervisor`): one that exits while the gateway is not
+shutting down is started again with the same index, after a backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .app import ConfigInvalid, GatewayApp, load_config
@@ -102,29 +107,137 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
         return 2
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
                "access_log": access_log, "cache_dir": cache_dir, "ca_file": ca_file}
-    context = multiprocessing.get_context("spawn")
     shared_data = ProcessSharedData.create()
     metrics = ProcessMetricStore.create(workers=workers)
-    processes = [context.Process(target=_worker,
-                                 args=(configs, dict(options), i, shared_data, metrics),
-                                 name=f"wasmgate-worker-{i}") for i in range(workers)]
-    for index, process in enumerate(processes):
-        process.start()
-        metrics.set_worker(index, pid=process.pid)
-
-    def forward(signum: int, _frame: object) -> None:
-        for process in processes:
-            if process.pid:
-                os.kill(process.pid, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
     try:
-        for process in processes:
-            process.join()
+        return _Supervisor(configs, options, workers, shared_data, metrics).run()
     finally:
         shared_data.close()
         shared_data.unlink()
         metrics.close()
         metrics.unlink()
-    return max((p.exitcode or 0) for p in processes)
+
+
+class _Supervisor:
+    """The parent of `--workers N`: starts the workers, forwards signals to them, and starts a
+    new process with the same index when one exits while the gateway is not shutting down
+    (after a backoff: RESPAWN_DELAY, doubled up to RESPAWN_MAX_DELAY while it keeps dying
+    within STABLE_AFTER seconds of starting). A worker that exits with 1 or 2 (cannot start,
+    invalid configuration) before its index ever listened (at startup) stops the gateway with
+    that code; a respawned one that does is retried with the backoff (the other workers serve
+    meanwhile)."""
+
+    RESPAWN_DELAY = 0.5
+    RESPAWN_MAX_DELAY = 30.0
+    STABLE_AFTER = 10.0
+
+    def __init__(self, configs: list[Path], options: dict[str, object], workers: int,
+                 shared_data: ProcessSharedData, metrics: ProcessMetricStore) -> None:
+        self.configs, self.options = configs, options
+        self.shared_data, self.metrics = shared_data, metrics
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * workers
+        self.started = [0.0] * workers  # monotonic start time of each worker's process
+        self.delay = [self.RESPAWN_DELAY] * workers  # the next backoff of each index
+        self.listened = [False] * workers  # whether a process of each index ever listened
+        self.respawn_at: dict[int, float] = {}  # index -> when to start it again
+        self.stopping = False
+        self.exit_code = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def run(self) -> int:
+        log = logging.getLogger("wasmgate")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._forward)
+        try:
+            for index in range(len(self.processes)):
+                self._start(index)
+            while any(p is not None for p in self.processes) or \
+                    (self.respawn_at and not self.stopping):
+                now = time.monotonic()
+                for index, when in sorted(self.respawn_at.items()):
+                    if when <= now and self.respawn_at.pop(index, None) is not None:
+                        self._start(index)
+                due = min(self.respawn_at.values(), default=None)
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                sentinels = {p.sentinel: i for i, p in enumerate(self.processes)
+                             if p is not None}
+                ready = multiprocessing.connection.wait([*sentinels, self._wake_r], timeout)
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 512)
+                for sentinel in ready:
+                    if sentinel in sentinels:
+                        self._exited(sentinels[sentinel], log)
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return self.exit_code
+
+    def _start(self, index: int) -> None:
+        process = self.context.Process(
+            target=_worker, args=(self.configs, dict(self.options), index, self.shared_data,
+                                  self.metrics), name=f"wasmgate-worker-{index}")
+        process.start()
+        self.processes[index] = process
+        self.started[index] = time.monotonic()
+        # port 0 until the new process listens: worker 0 does not ask the old one's port
+        self.metrics.set_worker(index, pid=process.pid, port=0)
+        if self.stopping and process.pid:  # SIGTERM came while it was being started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _exited(self, index: int, log: logging.Logger) -> None:
+        process = self.processes[index]
+        assert process is not None
+        process.join()
+        code, pid = process.exitcode, process.pid
+        process.close()
+        self.processes[index] = None
+        pid_now, port, _ = self.metrics.worker_entries()[index]
+        self.listened[index] |= pid_now == pid and port != 0
+        if self.stopping:
+            self.exit_code = max(self.exit_code, code or 0)
+            return
+        how = (f"was killed by signal {_signal_name(-code)}"
+               if code is not None and code < 0 else f"exited with code {code}")
+        if code in (1, 2) and not self.listened[index]:  # cannot start: respawning won't help
+            log.error("worker %d (pid %s) %s before it started: stopping the gateway", index,
+                      pid, how)
+            self.exit_code = max(self.exit_code, code)
+            self._stop(signal.SIGTERM)
+            return
+        ran = time.monotonic() - self.started[index]
+        if ran >= self.STABLE_AFTER:
+            self.delay[index] = self.RESPAWN_DELAY
+        delay = self.delay[index]
+        self.delay[index] = min(delay * 2, self.RESPAWN_MAX_DELAY)
+        log.error("worker %d (pid %s) %s after %.1f s: starting a new one in %g s", index, pid,
+                  how, ran, delay)
+        self.respawn_at[index] = time.monotonic() + delay
+
+    def _stop(self, signum: int) -> None:
+        self.stopping = True
+        self.respawn_at.clear()
+        self._kill_all(signum)
+
+    def _kill_all(self, signum: int) -> None:
+        for process in self.processes:
+            if process is not None and process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._kill_all(signum)
+        else:
+            self._stop(signum)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

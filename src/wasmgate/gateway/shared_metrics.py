@@ -26,7 +26,8 @@ worker's VMs with the values kept in the process, it is left out of ``/stats/pro
 
 The workers' table is the rendezvous for the admin endpoint (``admin.py``): the parent writes
 each worker's pid once it has started it (with the process's start time, so that a pid reused
-by another process is not taken for the worker), each worker writes the port of its private
+by another process is not taken for the worker; a respawned worker's new pid resets its port to
+0 until it listens), each worker writes the port of its private
 admin endpoint once it listens; worker 0 reads it to gather the other workers' own statistics.
 """
 
