@@ -5,7 +5,6 @@ processes, and through a Redis outage."""
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import pickle
 import random
 import socket
@@ -27,7 +26,7 @@ from ..conftest import missing
 from ..e2e.conftest import free_port
 from ..e2e.test_redis import REDIS_SERVER, RedisServer
 from .api.helpers import load_docs
-from .test_shared_store import _increment
+from .test_shared_store import assert_no_lost_cas_updates
 
 try:  # the `redis` extra (in `test`)
     import redis
@@ -352,25 +351,7 @@ def test_a_hung_redis_costs_one_timeout(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_no_lost_updates_from_four_processes(rstore: Any) -> None:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers, rounds = 4, 300
-    rstore.set("vm", b"counter", b"0", 0)
-    go = context.Event()
-    processes = [context.Process(target=_increment, args=(rstore, rounds, results, go))
-                 for _ in range(workers)]
-    for process in processes:
-        process.start()
-    for _ in processes:
-        assert results.get(timeout=120) == "ready"
-    go.set()
-    reports = [results.get(timeout=120) for _ in processes]
-    for process in processes:
-        process.join(30)
-        assert process.exitcode == 0
-    assert sum(done for done, _ in reports) == workers * rounds
-    assert rstore.get("vm", b"counter")[0] == b"%d" % (workers * rounds)  # type: ignore[index]
-    assert sum(mismatches for _, mismatches in reports) > 0  # the CAS did refuse writers
+    assert_no_lost_cas_updates(rstore, workers=4, rounds=300)
 
 
 # -- configuration ------------------------------------------------------------------------------

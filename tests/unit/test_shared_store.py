@@ -121,10 +121,11 @@ def _increment(store: SharedDataStore, rounds: int, results: multiprocessing.Que
     results.put((done, mismatches))
 
 
-def test_no_lost_updates_across_processes(store: ProcessSharedData) -> None:
+def assert_no_lost_cas_updates(store: SharedDataStore, workers: int, rounds: int) -> None:
+    """`workers` spawned processes CAS-increment one counter `rounds` times each, all starting
+    together: every increment lands, and the CAS refused a concurrent writer at least once."""
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = context.Queue()
-    workers, rounds = 4, 1500
     store.set("vm", b"counter", b"0", 0)
     go = context.Event()
     processes = [context.Process(target=_increment, args=(store, rounds, results, go))
@@ -142,6 +143,10 @@ def test_no_lost_updates_across_processes(store: ProcessSharedData) -> None:
     assert store.get("vm", b"counter")[0] == b"%d" % (workers * rounds)  # type: ignore[index]
     # the CAS actually refused concurrent writers at least once (else the test proves little)
     assert sum(mismatches for _, mismatches in reports) > 0
+
+
+def test_no_lost_updates_across_processes(store: ProcessSharedData) -> None:
+    assert_no_lost_cas_updates(store, workers=4, rounds=1500)
 
 
 def _hammer_unconditional(store: ProcessSharedData, index: int, rounds: int) -> None:
