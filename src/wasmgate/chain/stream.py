@@ -48,13 +48,14 @@ class _Filter:
 
     __slots__ = ("context", "mode", "slot")
 
-    def __init__(self, slot: PluginSlot, attributes: Attributes) -> None:
+    def __init__(self, slot: PluginSlot, attributes: Attributes,
+                 filter_state: dict[bytes, bytes]) -> None:
         self.slot = slot
         self.mode = slot.stand_in()  # None = run the plugin
         self.context: HttpContext | None = None
         if self.mode is None:
             assert slot.plugin is not None
-            self.context = slot.plugin.new_http_context(attributes)
+            self.context = slot.plugin.new_http_context(attributes, filter_state)
             slot.streams += 1
 
 
@@ -71,7 +72,11 @@ class ChainStream:
             attributes = {}
         elif not isinstance(attributes, dict):
             attributes = _Once(attributes)
-        self.filters = filters = [_Filter(slot, attributes) for slot in slots]
+        # One filter state per stream, as Envoy's: what one plugin sets with
+        # proxy_set_property the others read (Higress plugins pass `ai_log` along this way).
+        self.filter_state: dict[bytes, bytes] = {}
+        self.filters = filters = [_Filter(slot, attributes, self.filter_state)
+                                  for slot in slots]
         self._last = len(filters) - 1
         self.buffer_limit = buffer_limit
         self.state = _OPEN

@@ -82,7 +82,8 @@ _NAMES = {
 class HttpContext:
     """Feed stream events in, read the plugin's decisions and mutations out."""
 
-    def __init__(self, plugin: Plugin, attributes: Attributes) -> None:
+    def __init__(self, plugin: Plugin, attributes: Attributes,
+                 filter_state: dict[bytes, bytes] | None = None) -> None:
         self.plugin = plugin
         vm = plugin._vm()
         self.vm = vm
@@ -90,6 +91,8 @@ class HttpContext:
         self.state = state = HttpContextState(context_id, plugin.root)
         # A dict is copied (the caller may reuse it); a factory runs at the first read.
         state.attributes = dict(attributes) if isinstance(attributes, dict) else attributes
+        if filter_state is not None:  # shared with the stream's other plugins
+            state.filter_state = filter_state
         vm.contexts[context_id] = state
         state.handle = self
         self._created = False

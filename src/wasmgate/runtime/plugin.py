@@ -192,10 +192,12 @@ class Plugin:
         vm.close()
 
     # -- streams -----------------------------------------------------------------------------
-    def new_http_context(self, attributes: Attributes | None = None) -> HttpContext:
+    def new_http_context(self, attributes: Attributes | None = None,
+                         filter_state: dict[bytes, bytes] | None = None) -> HttpContext:
         """A stream; `attributes` is a dict or a function returning one (called when a
-        plugin first reads an attribute)."""
-        return HttpContext(self, attributes or {})
+        plugin first reads an attribute). `filter_state`: the stream's filter state when
+        other plugins share the stream (Envoy has one per stream, not one per filter)."""
+        return HttpContext(self, attributes or {}, filter_state)
 
     # -- deliveries from the embedder --------------------------------------------------------
     def _vm(self) -> WasmVM:

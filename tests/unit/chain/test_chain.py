@@ -249,3 +249,33 @@ def test_a_crash_counts_once_and_an_old_stream_cannot_touch_the_fresh_vm() -> No
     assert isinstance(fresh.take_actions()[0], ForwardHeaders)
     assert len(host.calls) == 3  # the fresh VM runs
     fresh.complete()
+
+
+def test_plugins_of_one_stream_share_its_filter_state() -> None:
+    """Envoy keeps one filter state per stream: what one plugin sets with proxy_set_property
+    the others read (gpustack-rate-limit reads the `ai_log` ai-statistics wrote, in on_log).
+    It belongs to the stream: another stream starts without it."""
+    host = RecordingHost()
+    writer = conformance("writer", "request_headers set_property s:ai_log s:tokens-7\n", host)
+    reader = conformance("reader", "request_headers get_property s:ai_log\n"
+                         "response_headers get_property s:ai_log\n"
+                         "log get_property s:ai_log\n", host)
+
+    def reads(chain: FilterChain) -> list[str]:
+        host.lines.clear()
+        stream = chain.stream()
+        stream.request_headers(REQUEST, end_of_stream=True)
+        stream.take_actions()
+        stream.response_headers([(b":status", b"200")], end_of_stream=True)
+        stream.take_actions()
+        stream.complete()
+        return [line.split(": conf ")[1] for line in host.lines
+                if line.startswith("reader: conf ")]
+
+    seen = [f"{cb} get_property status=0 out=tokens-7"
+            for cb in ("request_headers", "response_headers", "log")]
+    assert reads(FilterChain([writer, reader])) == seen
+    assert reads(FilterChain([reader])) == [f"{cb} get_property status=1 out="
+                                            for cb in ("request_headers", "response_headers",
+                                                       "log")]
+    assert reads(FilterChain([writer, reader])) == seen
