@@ -78,13 +78,15 @@ def test_set_property_round_trip_in_stream(make) -> None:  # type: ignore[no-unt
     run = make("request_headers set_property s:my_key s:val%00ue\n"
                "request_headers get_property s:my_key\n"
                "response_headers get_property s:my_key\n"
-               "log get_property s:my_key\n")
+               "log get_property s:my_key\n"
+               "log get_property s:filter_state%00wasm.my_key\n")
     stream = run.http_context()
     stream.request_headers(REQUEST, True)
     stream.response_headers(RESPONSE, True)
     stream.complete()
     assert run.one("request_headers", "set_property").status == OK
-    assert [r.out for r in run.recs(op="get_property")] == [b"val\0ue"] * 3
+    # (the last one by Envoy's CEL name for it: filter_state["wasm.my_key"])
+    assert [r.out for r in run.recs(op="get_property")] == [b"val\0ue"] * 4
     other = run.http_context()
     other.response_headers(RESPONSE, True)  # another stream: its own filter state
     assert run.recs("response_headers", "get_property")[-1].status == NOT_FOUND

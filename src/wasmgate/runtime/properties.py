@@ -123,6 +123,11 @@ def _response_attribute(ctx: HttpContextState, name: str) -> object:
     return _MISSING
 
 
+_FILTER_STATE = b"filter_state\0wasm."
+"""Envoy keeps a proxy_set_property value as filter state `wasm.<path>`; CEL reads it as
+`filter_state["wasm.<path>"]`."""
+
+
 def resolve(plugin: Plugin, ctx: object, raw_path: bytes) -> bytes | None:
     """The encoded property value, or None (NOT_FOUND)."""
     state = ctx if isinstance(ctx, HttpContextState) else None
@@ -130,6 +135,10 @@ def resolve(plugin: Plugin, ctx: object, raw_path: bytes) -> bytes | None:
         stored = state.filter_state.get(raw_path)
         if stored is not None:
             return stored
+        if raw_path.startswith(_FILTER_STATE):  # the same value by Envoy's CEL name for it
+            stored = state.filter_state.get(raw_path[len(_FILTER_STATE):])
+            if stored is not None:
+                return stored
     stored = plugin.filter_state.get(raw_path)
     if stored is not None:
         return stored
