@@ -37,6 +37,9 @@ One HTTP request is one `ChainStream`, driven as `gateway.server.Exchange` drive
   plugins' response path (`asgi_app_exception`); later, or a chain `Reset`, raises
   `StreamReset` so the server closes the connection (before any response was sent the server
   answers 500 itself).
+* An application cut off (client gone, local reply, reset) reads `http.disconnect` from its
+  `receive`; one listening for it gets `DISCONNECT_GRACE` to end on its own (Django's handler
+  cancels its own view task then) before its task is cancelled.
 
 Layering: imports chain, runtime, api and fetch (module bytes of a WasmPlugin url), and reuses
 the gateway's asyncio embedder, `gateway.host.GatewayHost` (ticks, http_calls, queues, logs on
@@ -104,6 +107,9 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"tra
 UNSUPPORTED_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend",
                           "http.response.early_hint", "http.response.push")
 COALESCE_LIMIT = 1 << 16  # at most this much of an arriving body is merged into one chunk
+# How long an application that listens for http.disconnect has to end on its own once it is
+# cut off (client gone, local reply, reset) before its task is cancelled; see _end_app.
+DISCONNECT_GRACE = 5.0
 _INTERNAL_ERROR = b"Internal Server Error"
 
 
@@ -487,6 +493,7 @@ class _Exchange:
         self._response_fed = False  # the application's response entered the chain
         self._head = False  # a HEAD request: the response ends with its headers
         self._app_finished = False  # ... completely
+        self._app_listening = False  # waiting in receive(), or told http.disconnect
         self._pending: asyncio.Future[Message] | None = None  # a receive() under way
 
     # -- the whole exchange ------------------------------------------------------------------
@@ -507,7 +514,21 @@ class _Exchange:
             return
         if not task.done() and not (self._done and self._app_finished
                                     and self.stream.state == StreamState.DONE):
-            task.cancel()  # its response was replaced, reset or abandoned
+            # Its response was replaced, reset or abandoned. An application that listens for
+            # http.disconnect (now what its receive returns) is let end on its own first:
+            # Django's handler, waiting on its disconnect listener and its view as two tasks,
+            # cancels the view itself; cancelling the handler from outside instead interrupts
+            # it mid-way and leaves the view's task running unobserved (forever, for an
+            # endless StreamingHttpResponse). One that does not listen, or does not end within
+            # DISCONNECT_GRACE, is cancelled.
+            if self._app_listening:
+                try:
+                    await asyncio.wait({task}, timeout=DISCONNECT_GRACE)
+                except asyncio.CancelledError:
+                    task.cancel()
+                    raise
+            if not task.done():
+                task.cancel()
         try:
             await task
         except asyncio.CancelledError:
@@ -699,9 +720,14 @@ class _Exchange:
                 self._app_drained.set()
                 return message
             if self._cut_off():
+                self._app_listening = True
                 return {"type": "http.disconnect"}
             self._app_wakeup.clear()
-            await self._app_wakeup.wait()
+            self._app_listening = True
+            try:
+                await self._app_wakeup.wait()
+            finally:
+                self._app_listening = False
 
     async def _app_send(self, message: Message) -> None:
         if self._cut_off():
