@@ -172,20 +172,26 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--access-log/--no-access-log", default=False, show_default=True)
+@click.option("--access-log/--no-access-log", default=None,
+              help="One line per request (Istio's format, to stdout), or none; default: as the "
+                   "Gateway document's spec.accessLog says.")
+@click.option("--access-log-format", metavar="FORMAT",
+              help="An Envoy access log format, e.g. '%START_TIME% %RESPONSE_CODE% "
+                   "%FILTER_STATE(wasm.ai_log:PLAIN)%' (implies --access-log).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               envvar="WASMGATE_CACHE_DIR", help="Module cache (default ~/.cache/wasmgate).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
               envvar="WASMGATE_CA_FILE", help="CA bundle trusted for registries and http(s).")
 def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
-        upstream: str | None, workers: int, log_level: str, access_log: bool,
-        cache_dir: Path | None, ca_file: str | None) -> None:
+        upstream: str | None, workers: int, log_level: str, access_log: bool | None,
+        access_log_format: str | None, cache_dir: Path | None, ca_file: str | None) -> None:
     """Run the gateway: plugins from the WasmPlugin resources, in front of the upstreams."""
     from .gateway.runner import run_gateway
 
     raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
                                  admin=_host_port(admin), upstream=upstream, workers=workers,
                                  log_level=log_level, access_log=access_log,
+                                 access_log_format=access_log_format,
                                  cache_dir=cache_dir, ca_file=ca_file))
 
 
@@ -199,7 +205,7 @@ def demo(listen: str, admin: str) -> None:
     from .gateway.demo import run_demo
     from .gateway.runner import _event_loop_policy, setup_logging
 
-    setup_logging("info", access_log=True)
+    setup_logging("info")
     _event_loop_policy()
     try:
         asyncio.run(run_demo(listen, admin))

@@ -118,6 +118,15 @@ class Gateway:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_logged(self, text: str, timeout: float = 10) -> str:
+        """The logs once they contain `text` (access log lines are flushed within a second)."""
+        deadline = time.monotonic() + timeout
+        while text not in (logs := self.logs()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged in {timeout}s:\n{logs}")
+            time.sleep(0.05)
+        return logs
+
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

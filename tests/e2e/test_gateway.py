@@ -127,7 +127,7 @@ def test_fail_strategies_with_a_crashing_plugin(start_gateway: Start, upstream: 
     assert "Function: proxy_on_request_headers failed: wasm trap: wasm `unreachable`" in logs
     assert "Proxy-Wasm plugin in-VM backtrace:" in logs
     if strategy != "FAIL_OPEN":
-        assert '"GET / HTTP/1.1" 503 wasm_fail_stream' in logs
+        gateway.wait_logged('"GET / HTTP/1.1" 503 - wasm_fail_stream ')  # the access log
 
 
 def test_missing_module_stands_in_and_gateway_still_serves(start_gateway: Start,
@@ -202,7 +202,7 @@ def test_upstream_failures_map_to_503_and_504(start_gateway: Start, upstream: st
     assert "x-wasm-greeting" in headers  # the plugins' response path saw the router reply
     status, _, _ = gateway.get("/slow")
     assert status == 504
-    assert '"GET /slow HTTP/1.1" 504 upstream_response_timeout' in gateway.logs()
+    gateway.wait_logged('"GET /slow HTTP/1.1" 504 UT upstream_response_timeout ')
     assert "upstream_reset_before_response_started{connection_failure}" in gateway.logs()
 
 

@@ -25,6 +25,7 @@ from ._common import (
     SpecModel,
     split_host_port,
 )
+from .access_log import FormatError, parse_format, parse_json_format
 
 GATEWAY_API_VERSION = "wasmgate.io/v1alpha1"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -219,6 +220,32 @@ class Limits(SpecModel):
     callback_ms: Annotated[PositiveInt, Strict()] | None = None
 
 
+class AccessLog(SpecModel):
+    """Istio's meshConfig ``accessLogFile`` / ``accessLogFormat`` / ``accessLogEncoding``: where
+    the access log goes and its Envoy format, text (``format``) or JSON (``jsonFormat``, a map
+    of field -> format). Neither given: Istio's default text format."""
+
+    path: NonEmpty = "/dev/stdout"
+    format: str | None = None
+    json_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_format(self) -> AccessLog:
+        if self.format is not None and self.json_format is not None:
+            raise PathError(("jsonFormat",), "give format or jsonFormat, not both")
+        try:
+            if self.format is not None:
+                parse_format(self.format)
+        except FormatError as exc:
+            raise PathError(("format",), str(exc)) from None
+        try:
+            if self.json_format is not None:
+                parse_json_format(self.json_format)
+        except FormatError as exc:
+            raise PathError(("jsonFormat",), str(exc)) from None
+        return self
+
+
 def _unique(items: list[Any], field: str) -> None:
     seen: set[str] = set()
     for i, item in enumerate(items):
@@ -243,6 +270,8 @@ class GatewaySpec(SpecModel):
     """Plugin shared data in a Redis (``redis://`` / ``rediss://`` URL) that several gateway
     replicas share, instead of this gateway's own store (see ``gateway/redis_shared.py``)."""
     body_buffer_limit_bytes: Annotated[int, Strict(), Field(ge=0)] = MIB
+    access_log: AccessLog | None = None
+    """Present: one line per request (``--access-log`` turns it on with the defaults)."""
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewaySpec:

@@ -170,6 +170,14 @@ class ChainStream:
             return _reframe(actions)
         return actions
 
+    def request_headers_seen(self) -> Pairs | None:
+        """The request headers as the last plugin that saw them left them (the access log's
+        view of a request a plugin answered itself)."""
+        for f in reversed(self.filters):
+            if f.context is not None and f.context.state.request_headers.pairs is not None:
+                return f.context.state.request_headers.pairs
+        return None
+
     @property
     def paused(self) -> bool:
         return any(f.context is not None and (f.context.request_paused

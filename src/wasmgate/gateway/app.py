@@ -12,6 +12,7 @@ import re
 import signal
 from pathlib import Path
 
+from ..api.access_log import parse_json_format
 from ..api.gateway import Gateway, GatewayMeta, GatewaySpec, redact_url
 from ..api.loading import LoadResult, config_files, load_paths
 from ..api.ordering import select_for_gateway
@@ -23,6 +24,7 @@ from ..runtime.metrics import MetricStore
 from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import Limits
+from .access_log import AccessLog, AccessLogFormat, AccessLogWriter
 from .admin import AdminServer
 from .host import GatewayHost
 from .plugins import ManagedSlot, PluginManager
@@ -48,7 +50,10 @@ class GatewayApp:
                  plugin_log_level: str = "info", ca_file: str | None = None,
                  shared_data: SharedDataStore | None = None,
                  shared_queues: SharedQueueStore | None = None,
-                 metric_store: MetricStore | None = None, worker: int | None = None) -> None:
+                 metric_store: MetricStore | None = None, worker: int | None = None,
+                 access_log: bool | None = None, access_log_format: str | None = None) -> None:
+        """`access_log`: True / False override the Gateway document's ``spec.accessLog``
+        (None: as it says); `access_log_format` (an Envoy text format) implies True."""
         self.ca_file = ca_file
         # plugin metrics: one set across --workers (shared_metrics.py); `worker` is this
         # process's index there (worker 0's admin gathers the others' stats: admin.py)
@@ -59,6 +64,9 @@ class GatewayApp:
         self.shared_queues = shared_queues
         self.config_paths = config_paths
         self.overrides = {"listen": listen, "admin": admin, "upstream": upstream}
+        self.access_log_override = True if access_log_format else access_log
+        self.access_log_format = access_log_format
+        self._access_writers: dict[str, AccessLogWriter] = {}  # by path, kept across reloads
         self.drain_seconds = drain_seconds
         self.cache_dir = cache_dir
         self.plugin_log_level = LogLevel.parse(plugin_log_level)
@@ -106,6 +114,13 @@ class GatewayApp:
             data["clusters"].append({"name": "default", "endpoints": [str(upstream)]})
             data["routes"] = [{"name": "default", "cluster": "default"},
                               *[r for r in data.get("routes", []) if r["name"] != "default"]]
+        if self.access_log_override is False:
+            data.pop("accessLog", None)
+        elif self.access_log_override:
+            access = data.setdefault("accessLog", {})
+            if self.access_log_format:
+                access.pop("jsonFormat", None)
+                access["format"] = self.access_log_format
         spec = GatewaySpec.model_validate(data)
         return gateway.model_copy(update={"spec": spec})
 
@@ -131,7 +146,7 @@ class GatewayApp:
         self._purger = loop.create_task(self._purge_periodically())
         managed = self.plugins.prepare(self._select(gateway, resources))  # type: ignore[arg-type]
         self.plugins.install(managed)
-        self._swap(router, managed)
+        self._swap(router, managed, self._access_log(gateway.spec))
         listen = gateway.spec.listen
         self.server = await loop.create_server(self._protocol, listen.host, listen.port,
                                                reuse_port=self.reuse_port or None, backlog=1024)
@@ -168,17 +183,37 @@ class GatewayApp:
         self.connections.add(protocol)
         return protocol
 
-    def _swap(self, router: Router, managed: list[ManagedSlot]) -> None:
+    def _swap(self, router: Router, managed: list[ManagedSlot],
+              access_log: AccessLog | None) -> None:
         self._generation += 1
         chain = FilterChain([m.slot for m in managed],
                             buffer_limit=self.gateway.spec.body_buffer_limit_bytes)  # type: ignore
         self.state = ProxyState(router, chain if managed else None, self.pools, self.stats,
-                                self._generation)
+                                self._generation, access_log)
+
+    def _access_log(self, spec: GatewaySpec) -> AccessLog | None:
+        """The access log ``spec.accessLog`` asks for; a writer is kept per path, so a reload
+        changes the format without reopening (or losing lines buffered for) the file."""
+        config = spec.access_log
+        if config is None:
+            return None
+        writer = self._access_writers.get(config.path)
+        if writer is None:
+            try:
+                writer = AccessLogWriter(config.path)
+            except OSError as exc:
+                raise ConfigInvalid(f"spec.accessLog.path: cannot open {config.path}: "
+                                    f"{exc.strerror or exc}") from None
+            self._access_writers[config.path] = writer
+        json_format = (parse_json_format(config.json_format) if config.json_format is not None
+                       else None)
+        return AccessLog(AccessLogFormat(config.format, json_format), writer)
 
     async def reload(self) -> bool:
         """Rebuild from the config files; the old config stays if anything is invalid."""
         try:
             gateway, resources = self._load()
+            access_log = self._access_log(gateway.spec)
         except Exception as exc:
             self.stats.reload_failures += 1
             self.config_errors = [str(exc)]
@@ -196,7 +231,7 @@ class GatewayApp:
         chosen = self.plugins.commit(candidates)
         retired = self.plugins.install(chosen)
         self.gateway = gateway
-        self._swap(router, chosen)
+        self._swap(router, chosen, access_log)
         self.stats.reloads += 1
         asyncio.get_running_loop().call_later(self.drain_seconds + 1, _close_plugins, retired,
                                               self.plugins.host)
@@ -272,6 +307,8 @@ class GatewayApp:
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.close()
+        for writer in self._access_writers.values():
+            writer.close()
         await self.admin.close()
         self.pools.close()
         if self.plugins is not None:

@@ -50,7 +50,7 @@ async def run_demo(listen: str, admin: str) -> None:
     config.write_text(DEMO_CONFIG.format(listen=listen, admin=admin, echo_port=echo_port,
                                          wasm=bundled_example(),
                                          config=json.dumps({"greeting": "hello from wasm"})))
-    app = GatewayApp([config])
+    app = GatewayApp([config], access_log=True)
     await app.start()
     base = f"http://{listen}"
     admin_base = f"http://{app.gateway.spec.admin.host}:{app.admin.port}"  # type: ignore

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..api.gateway import Cluster, GatewaySpec, resolve_upstream
 from ..chain import FilterChain
 from ..runtime.serde import Pairs
+from .access_log import AccessLog
 from .http1 import header_value
 from .server import RouteTarget
 from .stats import GatewayStats
@@ -74,4 +75,5 @@ class ProxyState:
     pools: UpstreamPools
     stats: GatewayStats
     generation: int = 0
+    access_log: AccessLog | None = None
     exchanges: int = field(default=0)

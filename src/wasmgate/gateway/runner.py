@@ -37,10 +37,9 @@ WORKER_LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(processName)s] %(name)s: %(m
 """With --workers, each line says which worker wrote it (as Envoy's logs carry a thread id)."""
 
 
-def setup_logging(level: str, access_log: bool, *, worker: bool = False) -> None:
+def setup_logging(level: str, *, worker: bool = False) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format=WORKER_LOG_FORMAT if worker else LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("wasmgate.access").setLevel(logging.INFO if access_log else logging.WARNING)
     # Plugin logs are filtered by each plugin's own level (admin /logging); let them all through
     # here, trace included.
     logging.addLevelName(5, "TRACE")
@@ -63,7 +62,7 @@ async def _serve(app: GatewayApp) -> None:
 def _worker(configs: list[Path], options: dict[str, object], index: int,
             shared_data: ProcessSharedData, metrics: ProcessMetricStore) -> None:
     level = str(options.pop("log_level"))
-    setup_logging(level, bool(options.pop("access_log")), worker=True)
+    setup_logging(level, worker=True)
     options["plugin_log_level"] = "warn" if level == "warning" else level
     _event_loop_policy()
     if index > 0:
@@ -83,14 +82,16 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
 
 def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
                 admin: tuple[str, int] | None, upstream: str | None, workers: int,
-                log_level: str, access_log: bool, cache_dir: Path | None = None,
+                log_level: str, access_log: bool | None = None,
+                access_log_format: str | None = None, cache_dir: Path | None = None,
                 ca_file: str | None = None) -> int:
-    setup_logging(log_level, access_log)
+    setup_logging(log_level)
     plugin_level = "warn" if log_level == "warning" else log_level
     if workers <= 1:
         _event_loop_policy()
         app = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream,
-                         cache_dir=cache_dir, plugin_log_level=plugin_level, ca_file=ca_file)
+                         cache_dir=cache_dir, plugin_log_level=plugin_level, ca_file=ca_file,
+                         access_log=access_log, access_log_format=access_log_format)
         try:
             asyncio.run(_serve(app))
         except ConfigInvalid as exc:
@@ -106,7 +107,8 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
         logging.getLogger("wasmgate").error("invalid configuration:\n%s", exc)
         return 2
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
-               "access_log": access_log, "cache_dir": cache_dir, "ca_file": ca_file}
+               "access_log": access_log, "access_log_format": access_log_format,
+               "cache_dir": cache_dir, "ca_file": ca_file}
     shared_data = ProcessSharedData.create()
     metrics = ProcessMetricStore.create(workers=workers)
     try:

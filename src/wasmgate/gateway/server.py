@@ -32,6 +32,7 @@ from ..chain import (
     SendTrailers,
 )
 from ..runtime.serde import Pairs
+from .access_log import AccessLog, AccessRecord
 from .http1 import (
     HOP_BY_HOP,
     Framing,
@@ -68,7 +69,6 @@ def _request_id() -> bytes:
     """A version-4 UUID from the fast PRNG (ids need uniqueness, not secrecy)."""
     h = b"%032x" % (getrandbits(128) & _UUID_MASK | _UUID_BITS)
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
-access_log = logging.getLogger("wasmgate.access")
 _TIMER_SLACK = 0.001
 _HEAD_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
@@ -366,6 +366,7 @@ class Exchange:
         self._drain()
 
     def request_body(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         eos = False
         if self._remaining is not None:
             self._remaining -= len(data)
@@ -432,6 +433,7 @@ class Exchange:
             self._router_reply(404, b"no route\n", "route_not_found")
             return
         self.route = route
+        self._forwarded_headers = headers
         if self.stream is None and self._plain:
             method, head = self.method, self._plain_head(headers, eos)
         else:
@@ -453,6 +455,7 @@ class Exchange:
         `upstream.address` / `upstream.port` (e.g. gpustack-token-usage tells upstream traffic
         from local replies by it)."""
         endpoint, pool = route.pick(self.state.pools)
+        self._endpoint = endpoint
         if self.stream is not None:
             address = endpoint.address
             for f in self.stream.filters:
@@ -653,6 +656,7 @@ class Exchange:
         if self._response_started:
             return
         self._response_started = True
+        self._sent_response_headers = headers
         self.details = details or self.details
         head_request = self.method == b"HEAD"
         self.status, out, self._response_framing = response_headers_out(headers, eos,
@@ -672,6 +676,8 @@ class Exchange:
     def _send_body(self, data: bytes, eos: bool, trailers: Pairs | None = None) -> None:
         if self.response_done or not self._response_started:
             return
+        if trailers:
+            self._sent_trailers = trailers
         framing = self._response_framing
         if self.method != b"HEAD":
             payload = framing.encode(data, eos, trailers) if framing else data
@@ -689,8 +695,8 @@ class Exchange:
         if self.stream is not None:
             self.stream.complete()
         self.state.stats.record(self.status, time.monotonic() - self.started_at)
-        if access_log.isEnabledFor(logging.INFO):
-            self._access_log()
+        if self.state.access_log is not None:
+            self._access_log(self.state.access_log)
         self.connection.finished(self)
 
     def abort(self, details: str) -> None:
@@ -706,10 +712,30 @@ class Exchange:
         if self.stream is not None:
             self.stream.complete()
         self.state.stats.record(self.status or 0, time.monotonic() - self.started_at)
+        if self.state.access_log is not None:
+            self._access_log(self.state.access_log)
 
-    def _access_log(self) -> None:
-        path = header_value(self.headers, b":path") or b""
-        access_log.info('%s "%s %s HTTP/%s" %d %s %d %.1fms', self.connection.peer[0],
-                        self.method.decode(), path.decode("latin-1"), self.version,
-                        self.status, self.details or "-", self.bytes_sent,
-                        (time.monotonic() - self.started_at) * 1000)
+    # What the access log reads: class defaults, set as the exchange gets that far.
+    bytes_received = 0
+    _forwarded_headers: Pairs | None = None
+    _sent_response_headers: Pairs | None = None
+    _sent_trailers: Pairs | None = None
+    _endpoint: Endpoint | None = None
+
+    def _access_log(self, access: AccessLog) -> None:
+        duration = time.monotonic() - self.started_at
+        stream, route, endpoint = self.stream, self.route, self._endpoint
+        request_headers = self._forwarded_headers or (
+            stream.request_headers_seen() if stream is not None else None) or self.headers
+        access.log(AccessRecord(
+            start_time=time.time() - duration, duration=duration,
+            protocol=f"HTTP/{self.version}", request_headers=request_headers,
+            response_headers=self._sent_response_headers or [],
+            response_trailers=self._sent_trailers or [], status=self.status,
+            details=self.details, bytes_received=self.bytes_received,
+            bytes_sent=self.bytes_sent,
+            upstream_host=endpoint.address if endpoint is not None else None,
+            upstream_cluster=route.cluster_name if route is not None else None,
+            route_name=route.route_name if route is not None else None,
+            downstream_remote=self.connection.peer, downstream_local=self.connection.local,
+            filter_state=stream.filter_state if stream is not None else {}))

@@ -1,0 +1,137 @@
+"""The access log through `wasmgate run`: Istio's default line, Envoy formats (text and JSON)
+from the Gateway document or the CLI, plugin filter state in it, failures with Envoy's
+response flags, a bad format refused, and a reload changing the format."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .conftest import WASMGATE, Gateway, free_port
+from .test_gateway import conformance, gateway_doc
+
+Start = Callable[..., Gateway]
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 10) -> list[str]:
+    """The access log's lines once there are `count` (lines are flushed within a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in (path.read_text() if path.exists() else "").splitlines()
+                 if line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def access_lines(gateway: Gateway, count: int) -> list[str]:
+    """Lines of Istio's default format in the gateway's stdout (shared with its logs)."""
+    pattern = re.compile(r'^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\] "')
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in gateway.logs().splitlines() if pattern.match(line)]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_default_line_is_istios_format(start_gateway: Start, upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream))  # started with --access-log
+    status, _, _ = gateway.request("POST", "/things?q=1", body=b"hello",
+                                   headers={"user-agent": "ua/1", "x-request-id": "rid-7"})
+    assert status == 200
+    [line] = access_lines(gateway, 1)
+    port = upstream.split(":")[1]
+    assert re.fullmatch(
+        r'\[[^\]]+\] "POST /things\?q=1 HTTP/1\.1" 200 - via_upstream - "-" 5 \d+ \d+ - '
+        rf'"127\.0\.0\.1" "ua/1" "rid-7" "127\.0\.0\.1:{gateway.port}" "127\.0\.0\.1:{port}" '
+        rf"backend - 127\.0\.0\.1:{gateway.port} 127\.0\.0\.1:\d+ - main", line), line
+
+
+def test_json_format_to_a_file_with_a_plugins_filter_state(start_gateway: Start, upstream: str,
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    fields = {"code": "%RESPONSE_CODE%", "details": "%RESPONSE_CODE_DETAILS%",
+              "flags": "%RESPONSE_FLAGS%", "path": "%REQ(:PATH)%",
+              "added": "%REQ(x-added)%", "resp": "%RESP(x-upstream)%",
+              "ai_log": "%FILTER_STATE(wasm.ai_log:PLAIN)%", "cluster": "%UPSTREAM_CLUSTER%",
+              "received": "%BYTES_RECEIVED%", "route": "%ROUTE_NAME%"}
+    extra = f"  accessLog:\n    path: {path}\n    jsonFormat: {json.dumps(fields)}\n"
+    # one plugin writes the filter state, the request header and the deny; another one reads
+    gateway = start_gateway(
+        gateway_doc(upstream, extra=extra)
+        + conformance("writer", ["request_headers set_property s:ai_log s:tokens-7",
+                                 "request_headers add_header_map_value 0 s:x-added s:yes"],
+                      priority=10)
+        + conformance("guard", ["request_headers send_local_response 403 s:denied-by-guard "
+                                "s:no null -1"], priority=5))
+    status, _, _ = gateway.get("/x")
+    assert status == 403
+    [line] = wait_for_lines(path, 1)
+    assert json.loads(line) == {
+        "code": 403, "details": "denied-by-guard", "flags": None, "path": "/x",
+        "added": "yes", "resp": None, "ai_log": "tokens-7", "cluster": "backend",
+        "received": 0, "route": "main"}
+
+
+def test_cli_format_and_failures_with_envoy_flags(start_gateway: Start, upstream: str) -> None:
+    refused = f"127.0.0.1:{free_port()}"  # nothing listens there
+    extra = ("  - name: down\n    match: {prefix: /down}\n    cluster: dead\n")
+    doc = gateway_doc(upstream).replace("  routes:\n", "  routes:\n" + extra).replace(
+        "  clusters:\n", f"  clusters:\n  - name: dead\n    endpoints: [\"{refused}\"]\n")
+    gateway = start_gateway(doc, "--access-log-format",
+                            "wasmgate %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% "
+                            "%ROUTE_NAME% %UPSTREAM_CLUSTER% %REQ(:PATH):4%")
+    assert gateway.get("/down/here")[0] == 503
+    assert gateway.get("/status/404")[0] == 404
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [line for line in gateway.logs().splitlines() if line.startswith("wasmgate ")]
+        if len(lines) == 2:
+            break
+        time.sleep(0.05)
+    assert lines == [
+        "wasmgate 503 UF upstream_reset_before_response_started{connection_failure} down dead "
+        "/dow",
+        "wasmgate 404 - via_upstream main backend /sta"]
+
+
+def test_a_bad_format_is_refused_at_startup_naming_the_field(tmp_path: Path,
+                                                             upstream: str) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_doc(upstream, extra="  accessLog:\n    format: '%CODE%'\n"))
+    result = subprocess.run([str(WASMGATE), "run", "-c", str(config), "--listen",
+                             f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "spec.accessLog.format: %CODE% at position 0: not an operator wasmgate provides" in (
+        result.stderr)
+
+
+def test_reload_changes_the_format_and_no_access_log_turns_it_off(
+        start_gateway: Start, upstream: str, tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    gateway = start_gateway(gateway_doc(
+        upstream, extra=f"  accessLog:\n    path: {path}\n    format: 'one %RESPONSE_CODE%'\n"))
+    assert gateway.get("/a")[0] == 200
+    assert wait_for_lines(path, 1) == ["one 200"]
+    config: Path = gateway.config_path  # type: ignore[attr-defined]
+    config.write_text(config.read_text().replace("'one %RESPONSE_CODE%'",
+                                                 "'two %REQ(:PATH)%'"))
+    deadline = time.monotonic() + 20
+    while gateway.admin_json("/config_dump").get("generation", 0) < 2:  # reloaded
+        assert time.monotonic() < deadline, gateway.logs()
+        time.sleep(0.1)
+    assert gateway.get("/b")[0] == 200
+    assert wait_for_lines(path, 2) == ["one 200", "two /b"]
+
+    quiet = start_gateway(gateway_doc(
+        upstream, extra=f"  accessLog:\n    path: {tmp_path / 'quiet.log'}\n"), "--no-access-log")
+    assert quiet.get("/c")[0] == 200
+    quiet.process.terminate()  # flushes at shutdown: nothing to flush
+    quiet.process.wait(10)
+    assert not (tmp_path / "quiet.log").exists()

@@ -1,0 +1,131 @@
+"""Access log formats: Envoy's grammar (what is refused, and where), and the lines rendered."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from wasmgate.api.access_log import (
+    ISTIO_TEXT_FORMAT,
+    FormatError,
+    Operator,
+    parse_format,
+    parse_json_format,
+)
+from wasmgate.gateway.access_log import AccessLogFormat, AccessLogWriter, AccessRecord
+
+RECORD = AccessRecord(
+    start_time=1795521600.25,  # 2026-11-24T12:00:00.250Z
+    duration=0.0123,
+    protocol="HTTP/1.1",
+    request_headers=[(b":method", b"POST"), (b":path", b"/v1/chat/completions"),
+                     (b":authority", b"api.local"), (b"user-agent", b"curl/8"),
+                     (b"x-request-id", b"rid-1"), (b"x-forwarded-for", b"10.0.0.9")],
+    response_headers=[(b":status", b"200"), (b"content-type", b"application/json")],
+    response_trailers=[(b"grpc-status", b"0")],
+    status=200,
+    bytes_received=42,
+    bytes_sent=1234,
+    upstream_host="127.0.0.1:9000",
+    upstream_cluster="llm",
+    route_name="chat",
+    downstream_remote=("127.0.0.1", 50000),
+    downstream_local=("127.0.0.1", 8080),
+    filter_state={b"ai_log": b'{"model":"qwen","input_token":7}'},
+)
+
+
+def test_operators_and_literals_are_parsed_once() -> None:
+    assert parse_format('a %REQ(X-A?:PATH):10% "%RESPONSE_CODE%"') == (
+        "a ", Operator("REQ", "x-a", 10, ":path"), ' "', Operator("RESPONSE_CODE"), '"')
+    assert parse_format("%FILTER_STATE(wasm.ai_log:PLAIN)%") == (
+        Operator("FILTER_STATE", "wasm.ai_log", serialization="PLAIN"),)
+    assert parse_format("%START_TIME(%s)%") == (Operator("START_TIME", "%s"),)
+    assert sum(isinstance(p, Operator) for p in parse_format(ISTIO_TEXT_FORMAT)) == 24
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("%FOO%", "%FOO% at position 0: not an operator wasmgate provides"),
+    ("100%", "at position 3: '%' does not start a command operator"),
+    ("%REQ%", "%REQ% at position 0: needs an argument"),
+    ("%REQ(a?b?c)%", "the argument is HEADER or HEADER?ALTERNATIVE"),
+    ("%REQ(a?)%", "the argument is HEADER or HEADER?ALTERNATIVE"),
+    ("%DURATION(x)%", "%DURATION% at position 0: takes no argument"),
+    ("%DURATION:3%", "only REQ, RESP, TRAILER and FILTER_STATE take a :LENGTH"),
+    ("%FILTER_STATE(k:RAW)%", "the argument is KEY, KEY:PLAIN or KEY:TYPED"),
+])
+def test_bad_formats_are_refused_with_the_reason(text: str, reason: str) -> None:
+    with pytest.raises(FormatError, match=re.escape(reason)):
+        parse_format(text)
+
+
+def test_a_bad_json_format_names_its_key() -> None:
+    with pytest.raises(FormatError, match=r"^upstream\.host: %NOPE%"):
+        parse_json_format({"code": "%RESPONSE_CODE%", "upstream": {"host": "%NOPE%"}})
+    with pytest.raises(FormatError, match="a value is a string, number"):
+        parse_json_format({"k": ["%RESPONSE_CODE%"]})
+
+
+def test_istio_default_text_line() -> None:
+    line = AccessLogFormat().render(RECORD)
+    assert line == (
+        '[2026-11-24T12:00:00.250Z] "POST /v1/chat/completions HTTP/1.1" 200 - via_upstream - '
+        '"-" 42 1234 12 - "10.0.0.9" "curl/8" "rid-1" "api.local" "127.0.0.1:9000" llm - '
+        "127.0.0.1:8080 127.0.0.1:50000 - chat")
+
+
+def test_headers_alternatives_truncation_and_filter_state() -> None:
+    fmt = AccessLogFormat("%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):8% %RESP(content-type)% "
+                          "%TRAILER(grpc-status)% %REQ(x-missing)% "
+                          "%FILTER_STATE(wasm.ai_log:PLAIN)% %FILTER_STATE(wasm.ai_log:TYPED):9% "
+                          "%FILTER_STATE(wasm.none)% %FILTER_STATE(envoy.other)%")
+    assert fmt.render(RECORD) == ('/v1/chat application/json 0 - '
+                                  '{"model":"qwen","input_token":7} "{\\"model - -')
+
+
+def test_json_lines_keep_types_and_nulls() -> None:
+    fmt = AccessLogFormat(json_format=parse_json_format({
+        "code": "%RESPONSE_CODE%", "bytes": "%BYTES_SENT%", "ai_log":
+        "%FILTER_STATE(wasm.ai_log:PLAIN)%", "tls": "%REQUESTED_SERVER_NAME%",
+        "line": "%REQ(:METHOD)% %REQ(:PATH)%", "fixed": 1,
+        "nested": {"flags": "%RESPONSE_FLAGS%"}}))
+    assert json.loads(fmt.render(RECORD)) == {
+        "code": 200, "bytes": 1234, "ai_log": '{"model":"qwen","input_token":7}', "tls": None,
+        "line": "POST /v1/chat/completions", "fixed": 1, "nested": {"flags": None}}
+
+
+def test_failures_get_envoy_response_flags_and_details() -> None:
+    fmt = AccessLogFormat("%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%")
+    cases = {"upstream_reset_before_response_started{connection_failure}": "503 UF",
+             "upstream_response_timeout": "504 UT", "route_not_found": "404 NR",
+             "downstream_remote_disconnect": "0 DC", "wasm_fail_stream": "503 -"}
+    for details, start in cases.items():
+        status = int(start.split()[0])
+        record = AccessRecord(0.0, 0.0, "HTTP/1.1", [], status=status, details=details)
+        assert fmt.render(record) == f"{start} {details}"
+
+
+def test_start_time_with_a_pattern() -> None:
+    fmt = AccessLogFormat("%START_TIME(%Y/%m/%d %H:%M:%E3S)% %START_TIME(%s)%")
+    assert fmt.render(RECORD) == "2026/11/24 12:00:00.250 1795521600"
+
+
+def test_a_value_with_a_newline_stays_on_one_line() -> None:
+    record = AccessRecord(0.0, 0.0, "HTTP/1.1", [], filter_state={b"k": b"a\nb\rc"})
+    assert AccessLogFormat("%FILTER_STATE(wasm.k:PLAIN)%").render(record) == "a\\nb\\rc"
+
+
+def test_file_writer_appends_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    path.write_text("earlier\n")
+    writer = AccessLogWriter(str(path))
+    lines = [f"line {i} " + "x" * 100 for i in range(100)]  # > PIPE_BUF in all
+    for line in lines:
+        writer.write(line)  # no running loop: written at once
+    writer.close()
+    assert path.read_text().splitlines() == ["earlier", *lines]
+    assert os.stat(path).st_mode & 0o777 == 0o644
