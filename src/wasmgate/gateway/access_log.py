@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -23,6 +24,7 @@ from typing import IO
 from ..api.access_log import ISTIO_TEXT_FORMAT, Operator, Piece, parse_format
 from ..runtime.serde import Pairs
 
+log = logging.getLogger("wasmgate.gateway")
 FLUSH_SECONDS = 1.0
 """Envoy's default ``file_flush_interval``."""
 _PIPE_BUF = 4096
@@ -243,6 +245,7 @@ class AccessLogWriter:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._owned = self._stream is None
         self._lines: list[str] = []
+        self.dropped = 0  # writes that failed (each a batch of lines)
         self._timer: asyncio.TimerHandle | None = None
 
     def write(self, line: str) -> None:
@@ -282,10 +285,11 @@ class AccessLogWriter:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
-        except BlockingIOError:  # a non-blocking stdout that is full: drop, never stall
-            pass
-        except OSError:  # a closed stdout or a full disk must not take requests down
-            pass
+        except OSError as exc:  # a full pipe or disk, a closed stdout: drop, never stall
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("access log %s: cannot write (%s); dropping lines until it can",
+                            self.path, exc)
 
     def close(self) -> None:
         self.flush()
