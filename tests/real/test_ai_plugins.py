@@ -359,6 +359,29 @@ def test_ai_statistics_counts_the_upstreams_usage_for_json_and_sse(
     assert crashes(gateway) == 0
 
 
+def test_ai_statistics_ai_log_reaches_the_access_log(start_gateway: Start,
+                                                    model: ModelServer) -> None:
+    """What ai-statistics writes for the log (its `ai_log` filter state: the attributes with
+    apply_to_log, the model, the usage) is in the access line, as Higress's access log format
+    has it with %FILTER_STATE(wasm.ai_log:PLAIN)%."""
+    gateway = start_gateway(gateway_doc(model) + wasm_plugin("ai-statistics", STATISTICS),
+                            "--access-log-format",
+                            "ai %RESPONSE_CODE% %FILTER_STATE(wasm.ai_log:PLAIN)%")
+    status, _, _ = chat(gateway, {"model": "qwen3", "messages": QUESTION},
+                        x_mse_consumer="alice")
+    assert status == 200
+    logs = gateway.wait_logged("ai 200 {")
+    [line] = [line for line in logs.splitlines() if line.startswith("ai 200 ")]
+    # Higress's framework escapes the quotes of the JSON it stores, for text formats that
+    # embed it in a JSON-looking line ("ai_log":"%FILTER_STATE(wasm.ai_log:PLAIN)%")
+    ai_log = json.loads(line.removeprefix("ai 200 ").replace('\\"', '"'))
+    assert {k: ai_log.get(k) for k in ("consumer", "question", "answer", "model",
+                                       "input_token", "output_token")} == {
+        "consumer": "alice", "question": "hi", "answer": "Hello", "model": "qwen3",
+        "input_token": JSON_USAGE["prompt_tokens"],
+        "output_token": JSON_USAGE["completion_tokens"]}
+
+
 # -- gpustack-token-usage ------------------------------------------------------------------------
 GPUSTACK_CLUSTER = "outbound|80||model-1-2.static"  # model 1, instance 2
 GPUSTACK_ROUTE = "ai-route-route-1.internal"  # model route 1
