@@ -347,3 +347,25 @@ def test_a_worker_that_cannot_start_stops_the_gateway(start_gateway: Start,
         assert gateway.process.wait(60) == 1, gateway.logs()
     assert "before it started: stopping the gateway" in gateway.logs()
     assert "starting a new one" not in gateway.logs()
+
+
+def test_workers_stop_and_clean_up_when_the_parent_is_killed(start_gateway: Start,
+                                                            upstream: str) -> None:
+    """A SIGKILLed (or OOM-killed) parent cannot stop its workers: they get SIGTERM from the
+    kernel (PR_SET_PDEATHSIG), drain, stop, and remove the shared files the parent would
+    have; the port is free again."""
+    gateway = start(start_gateway, upstream)
+    send(gateway, REQUESTS)
+    parent = gateway.process.pid
+    files = glob.glob(f"/dev/shm/wasmgate-*-{parent}-*")
+    assert len(files) == 2, files  # shared data (and queues), plugin metrics
+    pids = [w["pid"] for w in workers(gateway)]
+    os.kill(parent, signal.SIGKILL)
+    gateway.process.wait(10)
+    deadline = time.monotonic() + 30
+    while [pid for pid in pids if _alive(pid)]:
+        assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
+        time.sleep(0.05)
+    assert glob.glob(f"/dev/shm/wasmgate-*-{parent}-*") == []
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", gateway.port)) != 0

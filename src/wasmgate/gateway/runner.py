@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -59,8 +60,26 @@ async def _serve(app: GatewayApp) -> None:
     await app.serve_forever()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this worker when its parent dies. A SIGKILLed (or OOM-killed) supervisor
+    would otherwise leave its workers serving unsupervised, holding the port, with nobody to
+    respawn them or to remove the shared files; this way they drain and stop, and the last one
+    out removes the files (see `_worker`)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the workers outlive a killed parent
+        return
+    if os.getppid() != parent:  # it died before prctl took effect: nothing will signal
+        sys.exit(0)
+
+
 def _worker(configs: list[Path], options: dict[str, object], index: int,
-            shared_data: ProcessSharedData, metrics: ProcessMetricStore) -> None:
+            shared_data: ProcessSharedData, metrics: ProcessMetricStore, parent: int) -> None:
+    _die_with_parent(parent)
     level = str(options.pop("log_level"))
     setup_logging(level, worker=True)
     options["plugin_log_level"] = "warn" if level == "warning" else level
@@ -78,6 +97,10 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
     except OSError as exc:
         logging.getLogger("wasmgate").error("cannot start: %s", exc)
         sys.exit(1)
+    finally:
+        if os.getppid() != parent:  # orphaned: the parent cannot remove the shared files
+            shared_data.unlink()
+            metrics.unlink()
 
 
 def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
@@ -179,7 +202,7 @@ class _Supervisor:
     def _start(self, index: int) -> None:
         process = self.context.Process(
             target=_worker, args=(self.configs, dict(self.options), index, self.shared_data,
-                                  self.metrics), name=f"wasmgate-worker-{index}")
+                                  self.metrics, os.getpid()), name=f"wasmgate-worker-{index}")
         process.start()
         self.processes[index] = process
         self.started[index] = time.monotonic()
