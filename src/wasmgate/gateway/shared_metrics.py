@@ -34,6 +34,7 @@ admin endpoint once it listens; worker 0 reads it to gather the other workers' o
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ class ProcessMetricStore(MappedFile, MetricStore):
         size = arena_start + arena_bytes
         header = _HEADER.pack(MAGIC, slots, max_metrics, workers, 0, 0, 0, arena_start, size,
                               arena_start)
-        path, fd = new_file("metrics", directory, size, header)
+        path, fd = new_file("metrics", directory, size, header, reserve=arena_start)
         return cls(path, _fd=fd)
 
     # -- definitions ------------------------------------------------------------------------
@@ -162,6 +163,9 @@ class ProcessMetricStore(MappedFile, MetricStore):
         if top + size > self._arena_end:
             return self._refuse(metric_type, name, "arena",
                                 f"{self._arena_end - self._arena_start} bytes of records")
+        if not self.reserve(top + size):
+            return self._refuse(metric_type, name, "space",
+                                f"no space left in {os.path.dirname(self.path)}")
         # the record is in place (its values are zero: fresh, never-written file pages) before
         # the slot and the index publish it
         _RECORD.pack_into(mm, top, int(metric_type), n)

@@ -47,6 +47,7 @@ reserved namespace of this table and their items are arena blocks, under the sam
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 
@@ -97,6 +98,7 @@ class ProcessSharedData(MappedFile, SharedDataStore):
         self._arena_start = arena_start
         self._prefixes: dict[str, bytes] = {}
         self._warned: set[str] = set()
+        self._out_of_space = False  # the last allocation failed for want of file space
 
     # -- life cycle -------------------------------------------------------------------------
     @classmethod
@@ -113,7 +115,7 @@ class ProcessSharedData(MappedFile, SharedDataStore):
         size = arena_start + arena_bytes
         header = _HEADER.pack(MAGIC, slots, max_value, arena_start, size, arena_start, 1, 0,
                               max_key)
-        path, fd = new_file("shared", directory, size, header)
+        path, fd = new_file("shared", directory, size, header, reserve=arena_start)
         return cls(path, _fd=fd)
 
     # -- the table --------------------------------------------------------------------------
@@ -210,9 +212,13 @@ class ProcessSharedData(MappedFile, SharedDataStore):
 
     # -- the arena --------------------------------------------------------------------------
     def _bump(self, size: int) -> int | None:
+        self._out_of_space = False
         (top,) = _U64.unpack_from(self._mm, _ARENA_TOP_AT)
         end = top + size + (-size % _ALIGN)
         if end > self._arena_end:
+            return None
+        if not self.reserve(end):  # the directory is full: refuse rather than SIGBUS
+            self._out_of_space = True
             return None
         _U64.pack_into(self._mm, _ARENA_TOP_AT, end)
         return top
@@ -231,8 +237,13 @@ class ProcessSharedData(MappedFile, SharedDataStore):
         _U64.pack_into(self._mm, head_at, offset)
 
     def _arena_full(self) -> Status:
-        self._warn("arena", f"shared data arena full ({self._arena_end - self._arena_start} "
-                            "bytes); set refused")
+        if self._out_of_space:
+            (top,) = _U64.unpack_from(self._mm, _ARENA_TOP_AT)
+            self._warn("space", f"no space left in {os.path.dirname(self.path)} for shared "
+                                f"data ({top - self._arena_start} bytes used); set refused")
+        else:
+            self._warn("arena", f"shared data arena full ({self._arena_end - self._arena_start}"
+                                " bytes); set refused")
         return Status.INTERNAL_FAILURE
 
     def _warn(self, kind: str, message: str) -> None:
