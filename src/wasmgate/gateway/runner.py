@@ -132,8 +132,18 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
     options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
                "access_log": access_log, "access_log_format": access_log_format,
                "cache_dir": cache_dir, "ca_file": ca_file}
-    shared_data = ProcessSharedData.create()
-    metrics = ProcessMetricStore.create(workers=workers)
+    try:
+        shared_data = ProcessSharedData.create()
+    except OSError as exc:  # e.g. NoSpace: /dev/shm too small for the tables
+        logging.getLogger("wasmgate").error("cannot start: %s", exc)
+        return 1
+    try:
+        metrics = ProcessMetricStore.create(workers=workers)
+    except OSError as exc:
+        shared_data.close()
+        shared_data.unlink()
+        logging.getLogger("wasmgate").error("cannot start: %s", exc)
+        return 1
     try:
         return _Supervisor(configs, options, workers, shared_data, metrics).run()
     finally:
