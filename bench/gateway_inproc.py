@@ -11,6 +11,8 @@ figure is the Python the gateway adds per request.
     python bench/gateway_inproc.py [--requests 20000] [--reps 5] [--only example,...]
                                    [--profile NAME] [--parts] [--json PATH]
 
+`NAME+log` (e.g. `none+log`) also writes Istio's default access log line per request (to
+/dev/null, flushed each second as to a file): what the access log costs.
 Configurations are those of bench/gateway.sh: no plugin, the AssemblyScript example plugin,
 the Higress Go transformer (tests/real/higress.py fetches it once); and `noop`, a plugin whose
 every callback returns at once and which makes no host call: noop - none is what the host
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests" / "real"))
 
 from wasmgate.api.loading import load_text  # noqa: E402
 from wasmgate.chain import FailStrategy, FilterChain, PluginSlot  # noqa: E402
+from wasmgate.gateway.access_log import AccessLog, AccessLogFormat, AccessLogWriter  # noqa: E402
 from wasmgate.gateway.host import GatewayHost  # noqa: E402
 from wasmgate.gateway.proxy import ProxyState, Router  # noqa: E402
 from wasmgate.gateway.server import DownstreamProtocol  # noqa: E402
@@ -163,6 +166,7 @@ class Bench:
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.loop = loop
+        name, _, extra = name.partition("+")  # "NAME+log": with Istio's access log line
         text = GATEWAY
         if name != "none":
             text += PLUGINS[name].replace("@WASM@", str(wasm_of(name)))
@@ -185,7 +189,9 @@ class Bench:
             chain = FilterChain([PluginSlot(resource.filter_name, FailStrategy.FAIL_CLOSE,
                                             self.plugin)],
                                 buffer_limit=gateway.spec.body_buffer_limit_bytes)
-        self.state = ProxyState(router, chain, self.pools, GatewayStats())
+        access_log = (AccessLog(AccessLogFormat(), AccessLogWriter("/dev/null"))
+                      if extra == "log" else None)
+        self.state = ProxyState(router, chain, self.pools, GatewayStats(), 0, access_log)
         self.remaining = 0
         self.done: asyncio.Future[None] | None = None
         self.responses: list[bytes] = []

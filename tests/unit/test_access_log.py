@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import re
@@ -129,3 +131,48 @@ def test_file_writer_appends_whole_lines(tmp_path: Path) -> None:
     writer.close()
     assert path.read_text().splitlines() == ["earlier", *lines]
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_format_text_is_never_code() -> None:
+    """A text format is compiled to a function; its literals and arguments stay data."""
+    literal = "'''\"\"\" {r} \\n \\\\ ) ; __import__('os') "
+    fmt = AccessLogFormat(literal + "%RESPONSE_CODE% %REQ(x'; y = (\"):3%")
+    record = AccessRecord(0.0, 0.0, "HTTP/1.1", [(b"x'; y = (\"", b"value")], status=204)
+    assert fmt.render(record) == literal + "204 val"
+
+
+def test_pipe_writer_writes_whole_lines_of_at_most_pipe_buf() -> None:
+    """To a pipe (stdout under a supervisor) a flush is whole lines in writes of at most
+    PIPE_BUF bytes, unless one line alone is longer: the writes of several workers sharing
+    the pipe never split a line."""
+    writes: list[bytes] = []
+
+    class Recording(AccessLogWriter):
+        def _write_all(self, data: bytes) -> None:
+            writes.append(data)
+            super()._write_all(data)
+
+    read_end, write_end = os.pipe()
+    lines = [f"{i} " + "y" * 1000 for i in range(30)] + ["long " + "z" * 5000, "last"]
+
+    async def log_all() -> None:
+        writer = Recording(f"/dev/fd/{write_end}")
+        for line in lines:
+            writer.write(line)  # buffered: the loop is running
+        assert writes == []
+        writer.close()  # flushes
+
+    try:
+        asyncio.run(log_all())
+        os.close(write_end)
+        data = b""
+        while chunk := os.read(read_end, 1 << 16):
+            data += chunk
+    finally:
+        os.close(read_end)
+    assert data.decode().splitlines() == lines
+    assert all(w.endswith(b"\n") for w in writes)
+    assert [w for w in writes if len(w) > 4096] == [("long " + "z" * 5000 + "\n").encode()]
+    # as few writes as the limit allows: no two neighbours would have fitted in one
+    assert all(len(a) + len(b) > 4096 for a, b in itertools.pairwise(writes))
+    assert len(writes) >= 9  # 30 lines of ~1 KB: 4 to a write; the long one; "last"

@@ -1,8 +1,11 @@
 """The access log: one line per request, in an Envoy format (text or JSON), to stdout or a file.
 
-The format is parsed once (``api/access_log.py``) and compiled here into one function per
-operator, so a line costs one call per operator and nothing is computed for streams when
-the log is off. Lines are written as Envoy's file access log writes them: buffered, flushed
+The format is parsed once (``api/access_log.py``) and compiled here. A text format becomes
+one generated Python function (``exec``, as dataclasses generate ``__init__``) that joins the
+literals and one expression per operator, with each header map looked up once per line
+through a dict and the timestamp's date part formatted once per second: Istio's 24-operator
+line costs a few microseconds (a closure per operator cost 13). JSON formats use one
+function per field. Lines are written as Envoy's file access log writes them: buffered, flushed
 within a second (and at shutdown); each flush is whole lines in writes of at most PIPE_BUF
 bytes, so the lines of several ``--workers`` sharing a pipe or an O_APPEND file never mix.
 Values that could break a line (CR, LF in a plugin's filter state) are escaped.
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -110,21 +114,29 @@ def _filter_state_getter(op: Operator) -> Getter:
     return get
 
 
+_iso_second: list[object] = [None, ""]  # the last second formatted, and its text
+
+
+def _iso(start_time: float) -> str:
+    """Envoy's default START_TIME: 2026-11-24T12:00:00.250Z (milliseconds truncated)."""
+    seconds = int(start_time)
+    if seconds != _iso_second[0]:
+        _iso_second[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return f"{_iso_second[1]}.{int((start_time - seconds) * 1000):03d}Z"
+
+
 def _start_time_getter(op: Operator) -> Getter:
     pattern = op.argument
     if pattern is None:
-        def iso(record: AccessRecord) -> Value:
-            seconds = int(record.start_time)
-            millis = int((record.start_time - seconds) * 1000)
-            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
-        return iso
+        return lambda record: _iso(record.start_time)
 
     def formatted(record: AccessRecord) -> Value:
         seconds = int(record.start_time)
         fraction = record.start_time - seconds
         text = pattern
-        for digits in (3, 6, 9):  # Envoy's %E3S: seconds with that many decimals
-            text = text.replace(f"%E{digits}S", "%S." + f"{fraction:.{digits}f}"[2:])
+        for digits in (3, 6, 9):  # Envoy's %E3S: seconds with that many decimals (truncated)
+            decimals = f"{int(fraction * 10 ** digits):0{digits}d}"
+            text = text.replace(f"%E{digits}S", "%S." + decimals)
         text = text.replace("%s", str(seconds))
         return time.strftime(text, time.gmtime(seconds))
     return formatted
@@ -138,6 +150,8 @@ def _address(address: tuple[str, int]) -> str | None:
 
 
 def _flags(record: AccessRecord) -> Value:
+    if not record.details:  # (most requests)
+        return None
     for prefix, flag in _FLAGS:
         if record.details.startswith(prefix):
             return flag
@@ -188,19 +202,91 @@ def _one_line(text: str) -> str:
         else text
 
 
-def _compile_text(pieces: tuple[Piece, ...]) -> Callable[[AccessRecord], str]:
-    parts: list[str | Getter] = [p if isinstance(p, str) else _getter(p) for p in pieces]
+_TEXT_EXPRESSIONS = {  # operators whose text is one expression over the record `r`
+    "RESPONSE_CODE": "str(r.status)",
+    "PROTOCOL": "r.protocol",
+    "BYTES_RECEIVED": "str(r.bytes_received)",
+    "BYTES_SENT": "str(r.bytes_sent)",
+    "DURATION": "str(int(r.duration * 1000))",
+    "UPSTREAM_HOST": "(r.upstream_host or '-')",
+    "UPSTREAM_CLUSTER": "(r.upstream_cluster or '-')",
+    "ROUTE_NAME": "(r.route_name or '-')",
+    "RESPONSE_CODE_DETAILS": "(r.details or ('via_upstream' if r.status else '-'))",
+    "RESPONSE_FLAGS": "(_flags(r) or '-')",
+    "DOWNSTREAM_REMOTE_ADDRESS": "(_address(r.downstream_remote) or '-')",
+    "DOWNSTREAM_LOCAL_ADDRESS": "(_address(r.downstream_local) or '-')",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": "(r.downstream_remote[0] or '-')",
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": "(r.downstream_local[0] or '-')",
+}
+_TEXT_CONSTANTS = {  # operators with the same text on every line
+    "HOSTNAME": _HOSTNAME, "UPSTREAM_LOCAL_ADDRESS": "-", "UPSTREAM_TRANSPORT_FAILURE_REASON": "-",
+    "REQUESTED_SERVER_NAME": "-", "CONNECTION_TERMINATION_DETAILS": "-",
+}
+_HEADER_MAPS = {"REQ": ("req", "r.request_headers"), "RESP": ("resp", "r.response_headers"),
+                "TRAILER": ("trailers", "r.response_trailers")}
 
-    def render(record: AccessRecord) -> str:
-        out = []
-        for part in parts:
-            if isinstance(part, str):
-                out.append(part)
+
+def _text(value: Value) -> str:
+    return "-" if value is None else _one_line(str(value))
+
+
+def _header_text(headers: dict[bytes, bytes], names: tuple[bytes, ...],
+                 limit: int | None) -> str:
+    for name in names:
+        value = headers.get(name)
+        if value is not None:
+            text = value.decode("latin-1")
+            return text[:limit] if limit is not None else text
+    return "-"
+
+
+def _first_values(pairs: Pairs) -> dict[bytes, bytes]:
+    """Header name -> its first value (what Envoy's REQ/RESP print)."""
+    return dict(reversed(pairs))
+
+
+def _compile_text(pieces: tuple[Piece, ...]) -> Callable[[AccessRecord], str]:
+    namespace: dict[str, object] = {"_text": _text, "_header_text": _header_text,
+                                    "_first_values": _first_values, "_iso": _iso,
+                                    "_flags": _flags, "_address": _address}
+    maps: dict[str, str] = {}
+    parts: list[str] = []
+    literal = ""  # adjacent literal text (and constant operators), merged
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, str) or piece.name in _TEXT_CONSTANTS:
+            literal += piece if isinstance(piece, str) else _TEXT_CONSTANTS[piece.name]
+            continue
+        if literal:
+            parts.append(repr(literal))
+            literal = ""
+        if piece.name in _TEXT_EXPRESSIONS:
+            parts.append(_TEXT_EXPRESSIONS[piece.name])
+        elif piece.name in _HEADER_MAPS:
+            variable, source = _HEADER_MAPS[piece.name]
+            maps[variable] = source
+            assert piece.argument is not None
+            names = tuple(n.encode() for n in (piece.argument, piece.alternative) if n)
+            namespace[f"names{i}"] = names
+            if len(names) == 1 and piece.max_length is None:  # inline: no call per header
+                namespace[f"name{i}"] = names[0]
+                parts.append(f"(v.decode('latin-1') if (v := {variable}.get(name{i})) "
+                             "is not None else '-')")
             else:
-                value = part(record)
-                out.append("-" if value is None else _one_line(str(value)))
-        return "".join(out)
-    return render
+                parts.append(f"_header_text({variable}, names{i}, {piece.max_length!r})")
+        elif piece.name == "START_TIME" and piece.argument is None:
+            parts.append("_iso(r.start_time)")
+        else:
+            namespace[f"get{i}"] = _getter(piece)
+            parts.append(f"_text(get{i}(r))")
+    if literal:
+        parts.append(repr(literal))
+    source = ["def render(r):"]
+    source += [f"    {variable} = _first_values({of})" for variable, of in maps.items()]
+    source.append(f"    return ''.join(({', '.join(parts)},))" if parts else "    return ''")
+    # safe to exec: literals enter as repr(), names from the parser's fixed set, values as
+    # namespace entries; nothing of the format text becomes code
+    exec("\n".join(source), namespace)
+    return namespace["render"]  # type: ignore[return-value]
 
 
 def _compile_json(spec: object) -> Callable[[AccessRecord], object]:
@@ -244,6 +330,7 @@ class AccessLogWriter:
         else:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._owned = self._stream is None
+        self._whole = stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._lines: list[str] = []
         self.dropped = 0  # writes that failed (each a batch of lines)
         self._timer: asyncio.TimerHandle | None = None
@@ -267,17 +354,19 @@ class AccessLogWriter:
             return
         if self._stream is not None:
             self._stream.flush()
-        chunk: list[bytes] = []
-        size = 0
-        for line in lines:
-            data = (line + "\n").encode("utf-8", "replace")
-            if chunk and size + len(data) > _PIPE_BUF:
-                self._write_all(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(data)
-            size += len(data)
-        if chunk:
-            self._write_all(b"".join(chunk))
+        lines.append("")
+        data = "\n".join(lines).encode("utf-8", "replace")
+        if self._whole:  # a regular file opened O_APPEND: one write is not interleaved
+            self._write_all(data)
+            return
+        start = 0  # a pipe or terminal: only writes of up to PIPE_BUF bytes are atomic
+        while start < len(data):
+            end = len(data) if len(data) - start <= _PIPE_BUF else \
+                data.rfind(b"\n", start, start + _PIPE_BUF) + 1
+            if end <= start:  # one line longer than PIPE_BUF: it goes alone
+                end = data.index(b"\n", start) + 1
+            self._write_all(data[start:end])
+            start = end
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
