@@ -170,6 +170,14 @@ class ChainStream:
             return _reframe(actions)
         return actions
 
+    def headers_suspect(self) -> bool:
+        """A plugin of this stream wrote a header field an HTTP/1 codec may refuse (CR, LF,
+        NUL, a bad name...): the server validates the heads it serializes in full only then."""
+        for f in self.filters:  # noqa: SIM110 - (a loop: no generator frame, per request)
+            if f.context is not None and f.context.state.suspect_headers:
+                return True
+        return False
+
     def request_headers_seen(self) -> Pairs | None:
         """The request headers as the last plugin that saw them left them (the access log's
         view of a request a plugin answered itself)."""

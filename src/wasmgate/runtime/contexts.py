@@ -105,6 +105,9 @@ class HttpContextState(Context):
     """One per HTTP stream: the maps and bodies the plugin sees, and what it asked for."""
 
     kind = "http"
+    suspect_headers = False
+    """A plugin wrote a header field a codec may refuse (serde.fields_suspect): the embedder
+    should validate this stream's heads before serializing them."""
 
     def __init__(self, context_id: int, root: RootContext) -> None:
         self.id = context_id  # (Context.__init__ inlined: one per request)

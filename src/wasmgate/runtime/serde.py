@@ -61,3 +61,22 @@ def normalize_headers(headers: object) -> Pairs:
         return []
     items = headers.items() if isinstance(headers, dict) else headers
     return [(to_bytes(k).lower(), to_bytes(v)) for k, v in items]  # type: ignore[union-attr]
+
+
+# RFC 9110 5.6.2 tchar: what `bytes.translate(None, _TCHAR)` deletes from a valid token
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VISIBLE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+
+
+def fields_suspect(pairs: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a plugin wrote a field an HTTP/1 codec may refuse: a name that is not a token,
+    a value with CR, LF or NUL, a pseudo-header value with a space or control byte. Cheap and
+    conservative: the embedder validates a stream's heads in full only when it is true."""
+    for name, value in pairs:
+        if name[:1] == b":":
+            if not value or value.translate(None, _VISIBLE):
+                return True
+        elif not name or name.translate(None, _TCHAR) or b"\r" in value or b"\n" in value \
+                or b"\0" in value:
+            return True
+    return False

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..abi import Status, StreamType
 from ..contexts import HttpContextState, LocalResponse
 from ..crossings import StatusError
-from ..serde import deserialize_pairs
+from ..serde import deserialize_pairs, fields_suspect
 from . import hostcall
 from ._util import OK, http_state, signed32
 
@@ -95,6 +95,8 @@ def proxy_send_local_response(vm: WasmVM, status: int, details_ptr: int, details
     if not isinstance(ctx, HttpContextState):
         raise StatusError(Status.NOT_FOUND, "send_local_response outside a stream")
     grpc = signed32(grpc_status)
+    if fields_suspect(headers):
+        ctx.suspect_headers = True
     ctx.local_response = LocalResponse(
         status=status, body=body, headers=[(k.lower(), v) for k, v in headers],
         details="_".join(details.split()) if details else "",
