@@ -170,7 +170,11 @@ def test_upstream_closing_idle_connections_is_retried(start_gateway: Start) -> N
         for _ in range(5):
             results.append(gateway.get("/")[0])
         assert results == [200] * 5
-        assert "upstream_reset" not in gateway.logs()
+        deadline = time.monotonic() + 10  # the access log's lines are flushed within 1 s
+        while (logs := gateway.logs()).count('"GET / HTTP/1.1" 200 ') < 5:
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.05)
+        assert "upstream_reset" not in logs
     finally:
         server.shutdown()
         server.server_close()

@@ -33,7 +33,7 @@ from ..runtime.metrics import MetricStore
 from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import WasmVM
-from .http1 import choose_framing, header_value, request_head, strip_hop_by_hop
+from .http1 import InvalidHead, choose_framing, header_value, request_head, strip_hop_by_hop
 from .redis import RedisError, RedisPools, RedisTarget, database_of
 from .upstream import BufferedResponse, Endpoint, UpstreamPools
 
@@ -202,8 +202,17 @@ class GatewayHost(Host):
             path = header_value(headers, b":path") or b"/"
             out = [(b"host", header_value(headers, b":authority") or b""),
                    *strip_hop_by_hop(headers)]
+            if request.body:  # the body is all here: its true length, as Envoy sets it
+                out = [p for p in out if p[0] != b"content-length"]
+                out.append((b"content-length", b"%d" % len(request.body)))
             out, framing = choose_framing(out, not request.body)
-            connection.start(sink, request_head(method, path, out), method == b"HEAD")
+            try:
+                head = request_head(method, path, out)
+            except InvalidHead as exc:  # Envoy's router: a 503 local reply, nothing sent
+                connection.pool.release(connection)
+                self._deliver_router_reply(plugin, vm, request.token, 503, str(exc).encode())
+                return
+            connection.start(sink, head, method == b"HEAD")
             if request.body:
                 connection.write(framing.encode(request.body, True))
             response = await asyncio.wait_for(done, max(deadline - self.loop.time(), 0))

@@ -4,13 +4,44 @@ Hand-written on httptools + uvloop because the stack benchmark (bench/stack/READ
 it at several times aiohttp's requests/s, and the proxy needs per-event control anyway: each
 parser event feeds the filter chain, each chain action becomes a write, with no ASGI layer in
 between. Pipelined requests are answered in order (a later exchange's output waits).
+
+HTTP/1.1 conformance, Envoy's defaults unless said otherwise (tests/e2e/test_http_conformance.py):
+
+- httptools (llhttp, strict) refuses with 400: Content-Length together with Transfer-Encoding,
+  two Content-Lengths (even equal ones), a list or sign in Content-Length, bad chunk sizes or
+  chunk lines, obs-fold, a header line without a colon, whitespace before the colon, CR/LF/NUL
+  or other controls in a field, bad request lines. A Transfer-Encoding other than exactly
+  `chunked` gets 501, as at Envoy. A parse error is answered in order: earlier pipelined
+  requests finish first, the request being read is abandoned (its upstream reset), then the
+  error is written and the connection closes.
+- Only HTTP/1.0 and 1.1 are served (505 otherwise; Envoy refuses 1.0 by default, we serve it
+  and answer `connection: keep-alive` when the client asked for it). An HTTP/1.1 request
+  without Host, or with two, is a 400 (RFC 9112 3.2). An absolute-form target
+  (`GET http://host/path`) becomes `:authority` host and `:path` /path, its host winning
+  over Host (RFC 9112 3.2.2, Envoy too), so plugins and the upstream see the same request.
+  CONNECT and Upgrade requests get 501 and are never forwarded.
+- A request after one that closes the connection (`Connection: close`, HTTP/1.0 without
+  keep-alive) is neither answered nor forwarded. `Expect: 100-continue` is answered by the
+  gateway (in order) and removed, as Envoy does by default.
+- Request heads are limited to `MAX_REQUEST_HEAD_BYTES` (60 KiB) and `MAX_REQUEST_HEADERS`
+  (100), Envoy's defaults: 431 and close. A request head that does not complete within
+  `REQUEST_HEAD_TIMEOUT` (300 s, Envoy's stream idle timeout; $WASMGATE_REQUEST_HEAD_TIMEOUT)
+  gets 408 and close; a connection idle for `IDLE_TIMEOUT` (1 h, Envoy's;
+  $WASMGATE_IDLE_TIMEOUT) is closed. One sweep per second (per event loop) checks both.
+- Heads are validated where they are serialized (see http1.py): a request head a plugin left
+  malformed gets Envoy's 503, a malformed response head a 502. A 204, 304 or HEAD response
+  never carries body bytes; a body that disagrees with its content-length never overflows it
+  and the connection is closed (downstream) or not reused (upstream). An upstream connection
+  whose response ends before its request was sent whole is not reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +67,13 @@ from .access_log import AccessLog, AccessRecord
 from .http1 import (
     HOP_BY_HOP,
     Framing,
+    InvalidHead,
+    head_is_clean,
+    head_problem,
     header_value,
+    is_target,
+    is_token,
+    names_are_tokens,
     response_head,
     response_headers_out,
     simple_response,
@@ -71,6 +108,79 @@ def _request_id() -> bytes:
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 _TIMER_SLACK = 0.001
 _HEAD_SPECIAL = HOP_BY_HOP | {b"content-length"}
+MAX_REQUEST_HEAD_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
+MAX_REQUEST_HEADERS = 100  # Envoy's max_headers_count default
+REQUEST_HEAD_TIMEOUT = float(os.environ.get("WASMGATE_REQUEST_HEAD_TIMEOUT") or 300)
+IDLE_TIMEOUT = float(os.environ.get("WASMGATE_IDLE_TIMEOUT") or 3600)
+
+
+class _Refused(Exception):
+    """A request the gateway answers itself (and closes), before any plugin sees it."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status, body)
+        self.status, self.body = status, body
+
+
+def _origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """(path, authority) of a request-target that is not origin-form: an absolute-form
+    target's host is the authority (RFC 9112 3.2.2); OPTIONS * stays; anything else (an
+    authority-form target without CONNECT, garbage) is refused."""
+    if target == b"*" and method == b"OPTIONS":
+        return target, None
+    scheme = target[:8].lower()
+    if scheme.startswith(b"http://"):
+        rest = target[7:]
+    elif scheme.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        raise _Refused(400, b"invalid request target\n")
+    end = len(rest)
+    for separator in (b"/", b"?"):
+        index = rest.find(separator)
+        if 0 <= index < end:
+            end = index
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise _Refused(400, b"invalid request target\n")
+    return (path if path[:1] == b"/" else b"/" + path), authority
+
+
+class _Sweeper:
+    """The request-head and idle timeouts of every downstream connection of an event loop,
+    with one timer: each `period` s `tick` advances; a connection notes the tick at which its
+    head (or its idleness) began, an int store rather than a clock read per request."""
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connections: weakref.WeakSet[DownstreamProtocol] = weakref.WeakSet()
+        self.period = max(0.05, min(1.0, REQUEST_HEAD_TIMEOUT / 4, IDLE_TIMEOUT / 4))
+
+    def add(self, connection: DownstreamProtocol) -> None:
+        self.connections.add(connection)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (a protocol driven by hand, with no loop)
+            return
+        if self.loop is not loop:
+            self.loop = loop
+            loop.call_later(self.period, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is not loop:
+            return
+        if not self.connections:
+            self.loop = None  # the next connection starts the timer again
+            return
+        self.tick += 1
+        head_ticks, idle_ticks = REQUEST_HEAD_TIMEOUT / self.period, IDLE_TIMEOUT / self.period
+        for connection in list(self.connections):
+            connection.check_timeouts(self.tick, head_ticks, idle_ticks)
+        loop.call_later(self.period, self._sweep, loop)
+
+
+_SWEEPER = _Sweeper()
 
 
 @dataclass
@@ -122,6 +232,15 @@ class DownstreamProtocol(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # Conformance state (see the module docstring).
+        self._discard = False  # nothing more is read: after a closing request, or an error
+        self._last = False  # the request being read closes the connection
+        self._final: bytes | None = None  # an error answer waiting for earlier exchanges
+        self._in_head = False  # a request head has begun and is not complete
+        self._head_bytes = 0  # bytes of the reads that ended inside that head
+        self._read_size = 0
+        self._boundary = False  # a message ended in this read
+        self._since = 0  # the sweep tick at which the head, or idleness, began
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,14 +248,41 @@ class DownstreamProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer, self.local = (peer[0], peer[1]), (local[0], local[1])
+        self._since = _SWEEPER.tick
+        _SWEEPER.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:  # after a request that closes the connection, or an error
+            return
+        self._read_size = len(data)
+        self._boundary = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._error(501, b"upgrades are not supported\n")
+            pass  # CONNECT or Upgrade: on_headers_complete refused it already
         except httptools.HttpParserError as exc:
-            self._error(400, f"malformed request: {exc}\n".encode())
+            if not self._discard:  # (llhttp also refuses data after `Connection: close`)
+                self._error(400, f"malformed request: {exc}\n".encode())
+            return
+        if self._in_head and not self._discard:  # the read ended inside a request head
+            if self._boundary:  # it began after a message that ended in this read: an
+                self._boundary = False  # unknown share of the read; not counted
+            else:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                    self._error(431, b"request header fields too large\n")
+
+    def check_timeouts(self, tick: int, head_ticks: float, idle_ticks: float) -> None:
+        """The sweep: a head begun `head_ticks` ago gets 408; idleness that long, a close."""
+        if self.closing or self._discard:
+            return
+        if self._in_head:
+            if tick - self._since > head_ticks:
+                log.debug("connection %d: request head timeout", self.connection_id)
+                self._error(408, b"request timeout\n")
+        elif not self.exchanges and tick - self._since > idle_ticks:
+            log.debug("connection %d: idle timeout", self.connection_id)
+            self.close()
 
     def pause_writing(self) -> None:
         """The client reads slower than the upstream sends: stop reading the upstream."""
@@ -155,12 +301,16 @@ class DownstreamProtocol(asyncio.Protocol):
         for exchange in list(self.exchanges):
             exchange.abort("downstream_remote_disconnect")
         self.exchanges.clear()
+        _SWEEPER.connections.discard(self)
         self._on_close(self)
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._in_head = True
+        self._head_bytes = 0
+        self._since = _SWEEPER.tick
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -169,13 +319,36 @@ class DownstreamProtocol(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._discard:
+            return
         parser = self.parser
-        exchange = Exchange(self, self._state_getter(), parser.get_method(), self._url,
-                            self._headers, parser.get_http_version(), parser.should_keep_alive())
+        headers = self._headers
+        if len(headers) > MAX_REQUEST_HEADERS or (
+                (self._head_bytes or self._read_size > MAX_REQUEST_HEAD_BYTES)
+                and len(self._url) + sum(len(k) + len(v) for k, v in headers)
+                > MAX_REQUEST_HEAD_BYTES):
+            self._error(431, b"request header fields too large\n")
+            return
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._error(505, b"http version not supported\n")
+            return
+        if parser.should_upgrade():  # CONNECT, Upgrade: never forwarded
+            self._error(501, b"upgrades are not supported\n")
+            return
+        keep_alive = parser.should_keep_alive()
+        try:
+            exchange = Exchange(self, self._state_getter(), parser.get_method(), self._url,
+                                headers, version, keep_alive)
+        except _Refused as refused:
+            self._error(refused.status, refused.body)
+            return
+        self._last = not keep_alive
         self._current = exchange
         self.exchanges.append(exchange)
-        if header_value(self._headers, b"expect") == b"100-continue" and self.transport:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if exchange.expects_continue:  # answered here and removed, as Envoy does
+            self.write(exchange, b"HTTP/1.1 100 Continue\r\n\r\n")
         exchange.start()
 
     def on_body(self, body: bytes) -> None:
@@ -183,6 +356,9 @@ class DownstreamProtocol(asyncio.Protocol):
             self._current.request_body(body)
 
     def on_message_complete(self) -> None:
+        self._boundary = True
+        if self._last:  # nothing after a request that closes the connection is read
+            self._discard = True
         exchange, self._current = self._current, None
         if exchange is not None:
             exchange.request_end()
@@ -228,6 +404,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 if not head.keep_alive:
                     self.close()
                     return
+            if not self.exchanges:
+                if self._final is not None:
+                    self._write_final()
+                    return
+                self._since = _SWEEPER.tick  # idle from now
 
     # -- upstream response deadlines -----------------------------------------------------------
     def arm_deadline(self, exchange: Exchange, timeout: float) -> None:
@@ -272,8 +453,28 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _error(self, status: int, body: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(simple_response(status, body, keep_alive=False))
+        """Answer what the parser or a limit refused, in order, and close: earlier pipelined
+        exchanges finish first; the request whose body was being read is abandoned (its
+        upstream reset); nothing more is read."""
+        self._discard = True
+        self._in_head = False
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        current, self._current = self._current, None
+        if current is not None:
+            current.abort("downstream_protocol_error")
+            if current._response_started or current not in self.exchanges:
+                self.close()  # it has (part of) an answer already: no second one
+                return
+            self.exchanges.remove(current)
+        self._final = simple_response(status, body, keep_alive=False)
+        if not self.exchanges:
+            self._write_final()
+
+    def _write_final(self) -> None:
+        final, self._final = self._final, None
+        if final is not None and self.transport is not None and not self.closing:
+            self._out.append(final)
         self.close()
 
     @property
@@ -321,17 +522,22 @@ class Exchange:
 
     # -- request side ------------------------------------------------------------------------
     _plain = True
+    expects_continue = False
 
     def _request_pairs(self, target: bytes, headers: Pairs) -> tuple[Pairs, bytes | None, bool]:
         """What plugins see: pseudo-headers, the headers, x-forwarded-for with the client
-        appended, an x-request-id when there is none. One pass; also returns the framing."""
-        host = b""
-        forwarded = length = None
+        appended, an x-request-id when there is none. One pass; also returns the framing.
+        Raises `_Refused` for what is not forwarded (module docstring)."""
+        host = authority = forwarded = length = None
         chunked = has_id = False
-        pairs: Pairs = [(b":method", self.method), (b":path", target or b"/"), (b"", b""),
+        if target[:1] != b"/":
+            target, authority = _origin_form(self.method, target)
+        pairs: Pairs = [(b":method", self.method), (b":path", target), (b"", b""),
                         (b":scheme", b"http")]
         for key, value in headers:
             if key == b"host":
+                if host is not None:
+                    raise _Refused(400, b"multiple host headers\n")
                 host = value
                 continue
             if key == b"x-forwarded-for":
@@ -340,13 +546,20 @@ class Exchange:
             if key == b"content-length":
                 length = value
             elif key == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":  # (Envoy's codec: 501 too)
+                    raise _Refused(501, b"unsupported transfer encoding\n")
                 chunked = True
             elif key == b"x-request-id":
                 has_id = True
             elif key == b"connection" and value.lower() not in (b"keep-alive", b"close"):
                 self._plain = False  # it names more hop-by-hop headers: the general path
+            elif key == b"expect" and value.lower() == b"100-continue":
+                self.expects_continue = self.version == "1.1"  # (1.0: MUST be ignored)
+                continue
             pairs.append((key, value))
-        pairs[2] = (b":authority", host)
+        if host is None and authority is None and self.version == "1.1":
+            raise _Refused(400, b"missing host header\n")
+        pairs[2] = (b":authority", authority or host or b"")
         client = self.connection.peer[0].encode()
         pairs.append((b"x-forwarded-for", forwarded + b", " + client if forwarded else client))
         if not has_id:
@@ -409,10 +622,10 @@ class Exchange:
             elif isinstance(action, ForwardBody):
                 self._to_upstream(self._framing_encode(action.data, action.end_of_stream))
                 if action.end_of_stream:
-                    self._arm_timeout()
+                    self._request_sent()
             elif isinstance(action, ForwardTrailers):
                 self._to_upstream(self._framing_encode(b"", True, action.trailers))
-                self._arm_timeout()
+                self._request_sent()
             elif isinstance(action, SendTrailers):
                 self._send_body(b"", True, action.trailers)
             elif isinstance(action, Reset):
@@ -424,6 +637,27 @@ class Exchange:
         framing = self._request_framing
         return framing.encode(data, eos, trailers) if framing else data
 
+    _sent_whole = False  # the request's end went upstream, framed as announced
+    _no_upstream = False  # the request will not go upstream after all
+
+    def _request_sent(self) -> None:
+        """The request's end went to the upstream (queued or written)."""
+        framing = self._request_framing
+        if framing is not None and framing.mismatch:
+            log.warning("request body does not match its content-length%s",
+                        " (short)" if framing.remaining else " (excess dropped)")
+            if framing.remaining:  # short: the upstream would wait for the rest forever
+                self._no_upstream = True
+                if self._upstream is not None:
+                    self._upstream.abandon()
+                    self._upstream = None
+                self.on_upstream_error(
+                    "upstream_reset_before_response_started{request_length_mismatch}", 503)
+                return
+        else:
+            self._sent_whole = True
+        self._arm_timeout()
+
     def _forward_headers(self, headers: Pairs, eos: bool) -> None:
         # Plugins may have changed what routing looks at: route again (Envoy clears the
         # route cache when filters edit headers); without plugins the first answer stands.
@@ -434,10 +668,17 @@ class Exchange:
             return
         self.route = route
         self._forwarded_headers = headers
-        if self.stream is None and self._plain:
-            method, head = self.method, self._plain_head(headers, eos)
-        else:
-            method, head = self._head(headers, eos)
+        try:
+            if self.stream is None and self._plain:
+                method, head = self.method, self._plain_head(headers, eos)
+            else:
+                method, head = self._head(headers, eos)
+        except InvalidHead as exc:  # Envoy's router: 503, nothing goes upstream
+            message = str(exc)
+            log.warning("not forwarding a malformed request head (%s)", message)
+            self._router_reply(503, message.encode(), "filter_removed_required_request_headers{"
+                               + message.replace(" ", "_") + "}")
+            return
         self._request_head = head if eos and method in (b"GET", b"HEAD", b"OPTIONS") else None
         self._upstream_queue = [head]
         pool = self._pick(route)
@@ -448,6 +689,7 @@ class Exchange:
             asyncio.get_running_loop().create_task(
                 self._connect(route, pool, method == b"HEAD"))
         if eos:
+            self._sent_whole = True
             self._arm_timeout()
 
     def _pick(self, route: RouteTarget) -> EndpointPool:
@@ -467,8 +709,10 @@ class Exchange:
     def _head(self, headers: Pairs, eos: bool) -> tuple[bytes, bytes]:
         """Method and upstream head from the headers plugins left: the pseudo-headers give
         the request line and host; hop-by-hop headers (and those `Connection` names) go;
-        a valid content-length keeps the framing, else chunked when a body follows. One
-        pass over the headers (the same result as `strip_hop_by_hop` + `choose_framing`)."""
+        a valid content-length keeps the framing (one content-length line: the first), else
+        chunked when a body follows. One pass over the headers (the same result as
+        `strip_hop_by_hop` + `choose_framing`). Raises `InvalidHead` for what must not be
+        serialized (http1.py)."""
         method = path = authority = connection = length = None
         out: Pairs = []
         append = out.append
@@ -478,7 +722,7 @@ class Exchange:
                 if key == b"content-length":
                     if length is None:
                         length = pair[1]
-                    append(pair)
+                        append(pair)
                 elif key == b"connection" and connection is None:
                     connection = pair[1]
             elif key[:1] == b":":
@@ -498,11 +742,15 @@ class Exchange:
                 out = [(k, v) for k, v in out if k not in named]
                 length = header_value(out, b"content-length")
         method = method or self.method
-        lines = [method + b" " + (path or b"/") + b" HTTP/1.1"]
+        path = path or b"/"
+        if length is not None and not length.isdigit():  # never next to chunked framing
+            out = [(k, v) for k, v in out if k != b"content-length"]
+            length = None
+        lines = [method + b" " + path + b" HTTP/1.1"]
         if authority:
             lines.append(b"host: " + authority)
         lines += [k + b": " + v for k, v in out]
-        if length is not None and length.isdigit():
+        if length is not None:
             self._request_framing = Framing(False, int(length))
         elif eos:
             self._request_framing = Framing(False, 0)
@@ -510,7 +758,15 @@ class Exchange:
             lines.append(b"transfer-encoding: chunked")
             self._request_framing = Framing(True, None)
         lines.append(b"\r\n")
-        return method, b"\r\n".join(lines)
+        head = b"\r\n".join(lines)
+        # Only a plugin can have put a bad byte here, and the runtime marks a stream whose
+        # plugin wrote a suspect field (serde.fields_suspect): the full check runs then.
+        if self.stream is not None and self.stream.headers_suspect() and not (
+                head_is_clean(head, len(lines)) and names_are_tokens(out)
+                and is_token(method) and is_target(path)):
+            raise InvalidHead(head_problem([(b"host", authority or b""), *out], method, path)
+                              or "invalid request head")
+        return method, head
 
     def _plain_head(self, headers: Pairs, eos: bool) -> bytes:
         """No plugins touched the headers: what `_request_pairs` saw decides the framing, and
@@ -523,6 +779,7 @@ class Exchange:
             lines.append(b"transfer-encoding: chunked")
             self._request_framing = Framing(True, None)
         lines.append(b"\r\n")
+        # (no head_is_clean scan: only bytes httptools accepted, see http1.py)
         return b"\r\n".join(lines)
 
     async def _connect(self, route: RouteTarget, pool: EndpointPool, head_request: bool,
@@ -536,7 +793,7 @@ class Exchange:
             self.on_upstream_error("upstream_reset_before_response_started{connection_failure}",
                                    503)
             return
-        if self._finished:
+        if self._finished or self._no_upstream:
             connection.pool.release(connection)
             return
         self._attach(connection, head_request)
@@ -602,11 +859,13 @@ class Exchange:
             self._drain()
 
     def on_response_end(self, trailers: Pairs) -> None:
-        self._upstream = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and not self._sent_whole:
+            upstream.spoil()  # answered before the request was all sent: not reusable
         if self._response_eos_sent:
             return
         if self.stream is None:
-            self._dispatch([SendBody(b"", True)])
+            self._send_body(b"", True, trailers)
         else:
             if trailers:
                 self.stream.response_trailers(trailers)
@@ -661,17 +920,51 @@ class Exchange:
         head_request = self.method == b"HEAD"
         self.status, out, self._response_framing = response_headers_out(headers, eos,
                                                                          head_request, status)
-        if head_request:
-            eos = True
-        if self.version == "1.0" and self._response_framing.chunked:
-            out = [(k, v) for k, v in out if k != b"transfer-encoding"]
-            self._response_framing = Framing(False, None)
-            self.keep_alive = False
+        status = self.status
+        if self.stream is None and not self._response_framing.chunked:
+            # the upstream's parser delimits the body exactly as announced: nothing to count
+            self._response_framing = None
+        if head_request or status == 204 or status == 304:
+            self._no_body = eos = True  # whatever body follows is not written
+        if self.version == "1.0":
+            if self._response_framing is not None and self._response_framing.chunked:
+                out = [(k, v) for k, v in out if k != b"transfer-encoding"]
+                self._response_framing = Framing(False, None)
+                self.keep_alive = False
+            elif self.keep_alive:  # an HTTP/1.0 client closes unless told otherwise
+                out.append((b"connection", b"keep-alive"))
         if not self.keep_alive:
             out.append((b"connection", b"close"))
-        self.connection.write(self, response_head(self.status, out, self.version.encode()))
+        try:
+            if not 200 <= status <= 999:  # (a 1xx would leave the client waiting for more)
+                raise InvalidHead("invalid :status")
+            # in full only for a stream whose plugin wrote a suspect field (see `_head`)
+            suspect = self.stream is not None and self.stream.headers_suspect()
+            if suspect and not names_are_tokens(out):
+                raise InvalidHead(head_problem(out) or "invalid response head")
+            head = response_head(status, out, self.version.encode(), suspect)
+        except InvalidHead as exc:
+            self._refuse_response(str(exc))
+            return
+        self.connection.write(self, head)
         if eos:
             self._finish()
+
+    _no_body = False  # HEAD, 204, 304: body bytes are never written
+
+    def _refuse_response(self, problem: str) -> None:
+        """A response head that must not be written: a plain 502 instead, then close."""
+        log.warning("not sending a malformed response head (%s)", problem)
+        self.details = "invalid_response_headers{" + problem.replace(" ", "_") + "}"
+        self.status = 502
+        self.keep_alive = False
+        self._response_framing = None
+        if self._upstream is not None:
+            self._upstream.abandon()
+            self._upstream = None
+        self.connection.write(self, simple_response(502, problem.encode() + b"\n",
+                                                    keep_alive=False))
+        self._finish()
 
     def _send_body(self, data: bytes, eos: bool, trailers: Pairs | None = None) -> None:
         if self.response_done or not self._response_started:
@@ -679,8 +972,16 @@ class Exchange:
         if trailers:
             self._sent_trailers = trailers
         framing = self._response_framing
-        if self.method != b"HEAD":
-            payload = framing.encode(data, eos, trailers) if framing else data
+        if not self._no_body:
+            if framing is not None:
+                payload = framing.encode(data, eos, trailers)
+                if framing.mismatch and self.keep_alive:
+                    # close once done: a short body is seen truncated, never followed by
+                    # what the client would take for the next response
+                    log.warning("response body does not match its content-length")
+                    self.keep_alive = False
+            else:
+                payload = data
             self.bytes_sent += len(data)
             self.connection.write(self, payload)
         if eos:

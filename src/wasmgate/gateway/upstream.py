@@ -3,6 +3,13 @@
 A `UpstreamExchange` sends one request on a pooled connection and reports the response
 through a `ResponseSink` (headers, body chunks, end, or an error). Connect failures and
 timeouts are reported as errors with Envoy's details, so the caller can answer 503/504.
+
+What the upstream sends is held to one message per request: interim 1xx responses (100
+Continue, 103 Early Hints) are dropped, as Envoy drops them by default, and the final response
+that follows is the answer; a 101, a transfer-coding other than `chunked` (Envoy's codec
+refuses those too) or a head larger than `MAX_HEAD_BYTES` is a protocol error (502); bytes
+arriving on an idle pooled connection (a body after a 204, an unsolicited response) close it,
+so they can never be read as the answer to the next request.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import httptools
 from ..runtime.serde import Pairs
 
 log = logging.getLogger("wasmgate.upstream")
+MAX_HEAD_BYTES = 60 * 1024  # Envoy's max_response_headers_kb default
+MAX_HEADERS = 100  # Envoy's max_response_headers_count default
 
 
 class ResponseSink(Protocol):
@@ -69,10 +78,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.sink is None:  # nothing was asked: never the answer to a later request
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(f"upstream_protocol_error{{{exc}}}", 502)
+        except httptools.HttpParserUpgrade:
+            self._fail("upstream_protocol_error{unexpected upgrade}", 502)
+        else:
+            if not self._headers_seen and self.sink is not None:
+                self._head_bytes += len(data)  # (an upper bound: may count body of a 1xx)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._fail("upstream_protocol_error{headers too large}", 502)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -111,17 +130,30 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     _headers_seen = False
+    _interim = False  # the message being parsed is a 1xx
+    _spoiled = False  # see `spoil`
+    _head_bytes = 0
 
     def on_message_begin(self) -> None:
         self._headers = []
         self._headers_seen = False
+        if self.sink is None:  # a second message for one request (after a 204's "body"...)
+            self.close()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        self._headers.append((name.lower(), value))  # (after the head: trailers)
 
     def on_headers_complete(self) -> None:
-        self._headers_seen = True
         status = self._parser.get_status_code()
+        if status < 200 or len(self._headers) > MAX_HEADERS:
+            if status == 101 or status >= 200:
+                self._fail("upstream_protocol_error{"
+                           + ("unexpected upgrade" if status == 101 else "too many headers")
+                           + "}", 502)
+                return
+            self._interim = True  # 100 Continue, 102, 103 Early Hints: the answer follows
+            return
+        self._headers_seen = True
         self._reusable = self._parser.should_keep_alive()
         no_body = self._head_request or status in (204, 304) or 100 <= status < 200
         if self._head_request:  # nothing follows the headers: end the message here
@@ -133,6 +165,9 @@ class UpstreamConnection(asyncio.Protocol):
                 if length is None:
                     length = value
             elif key == b"transfer-encoding":
+                if chunked or value.strip().lower() != b"chunked":
+                    self._fail("upstream_protocol_error{unsupported transfer encoding}", 502)
+                    return
                 chunked = True
         self._remaining = int(length) if length is not None and length.isdigit() else None
         self._close_delimited = length is None and not chunked
@@ -140,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
             no_body = True
         if self.sink is not None:
             self.sink.on_response_headers(status, self._headers, no_body)
+        self._headers = []  # what on_header sees from now on are trailers
         if self._head_request:  # the parser would wait for the announced body: done here
             sink, self.sink = self.sink, None
             if sink is not None:
@@ -159,10 +195,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.on_response_body(body, eos)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         sink, self.sink = self.sink, None
         if sink is not None:
-            sink.on_response_end([])
-        if self._reusable and not self.closed and not self._head_request:
+            sink.on_response_end(self._headers)
+        if self._reusable and not self._spoiled and not self.closed and not self._head_request:
             self.pool.release(self)
         else:
             self.close()
@@ -174,6 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self._head_request = head_request
         self._headers_seen = self._close_delimited = False  # nothing of this response yet
+        self._head_bytes = 0
+        self._spoiled = False
         if head_request:
             self._parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
@@ -182,6 +223,11 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def spoil(self) -> None:
+        """This connection carried a request that was not sent whole (or not as framed):
+        close it once its response is done instead of pooling it."""
+        self._spoiled = True
 
     def abandon(self) -> None:
         """The downstream went away mid-exchange: this connection cannot be reused."""
