@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from wasmgate.gateway.admin import _alive
 from wasmgate.gateway.shared_metrics import ProcessMetricStore
@@ -369,3 +370,36 @@ def test_workers_stop_and_clean_up_when_the_parent_is_killed(start_gateway: Star
     assert glob.glob(f"/dev/shm/wasmgate-*-{parent}-*") == []
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", gateway.port)) != 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def test_workers_of_a_parent_killed_while_they_start_clean_up(start_gateway: Start,
+                                                              upstream: str) -> None:
+    """The parent dies while its workers are still importing and loading (before their event
+    loop handles SIGTERM): they stop all the same and remove the shared files."""
+    gateway = start_gateway(gateway_doc(upstream) + conformance("counting", STEPS),
+                            "--workers", "2", wait=False)
+    parent = gateway.process.pid
+    deadline = time.monotonic() + 20
+    while len(glob.glob(f"/dev/shm/wasmgate-*-{parent}-*")) < 2 or len(_children(parent)) < 2:
+        assert time.monotonic() < deadline, gateway.logs()
+        time.sleep(0.005)
+    children = _children(parent)
+    os.kill(parent, signal.SIGKILL)
+    gateway.process.wait(10)
+    deadline = time.monotonic() + 30
+    while [pid for pid in children if _alive(pid)]:
+        assert time.monotonic() < deadline, [pid for pid in children if _alive(pid)]
+        time.sleep(0.05)
+    assert glob.glob(f"/dev/shm/wasmgate-*-{parent}-*") == []

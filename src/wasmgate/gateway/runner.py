@@ -79,17 +79,21 @@ def _die_with_parent(parent: int) -> None:
 
 def _worker(configs: list[Path], options: dict[str, object], index: int,
             shared_data: ProcessSharedData, metrics: ProcessMetricStore, parent: int) -> None:
-    _die_with_parent(parent)
-    level = str(options.pop("log_level"))
-    setup_logging(level, worker=True)
-    options["plugin_log_level"] = "warn" if level == "warning" else level
-    _event_loop_policy()
-    if index > 0:
-        options["admin"] = ("127.0.0.1", 0)
-    queues = ProcessSharedQueues(shared_data, index)
-    app = GatewayApp(configs, reuse_port=True, shared_data=shared_data, shared_queues=queues,
-                     metric_store=metrics, worker=index, **options)  # type: ignore[arg-type]
+    # Until the event loop handles SIGTERM (a drain), it ends the worker through the
+    # `finally` below, so an orphan removes the shared files even while starting.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        _die_with_parent(parent)
+        level = str(options.pop("log_level"))
+        setup_logging(level, worker=True)
+        options["plugin_log_level"] = "warn" if level == "warning" else level
+        _event_loop_policy()
+        if index > 0:
+            options["admin"] = ("127.0.0.1", 0)
+        queues = ProcessSharedQueues(shared_data, index)
+        app = GatewayApp(configs, reuse_port=True, shared_data=shared_data,
+                         shared_queues=queues, metric_store=metrics, worker=index,
+                         **options)  # type: ignore[arg-type]
         asyncio.run(_serve(app))
     except ConfigInvalid as exc:  # changed between the parent's check and this worker's load
         logging.getLogger("wasmgate").error("invalid configuration:\n%s", exc)
@@ -101,6 +105,10 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
         if os.getppid() != parent:  # orphaned: the parent cannot remove the shared files
             shared_data.unlink()
             metrics.unlink()
+
+
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
