@@ -188,6 +188,9 @@ def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
     """Run the gateway: plugins from the WasmPlugin resources, in front of the upstreams."""
     from .gateway.runner import run_gateway
 
+    if access_log is False and access_log_format:
+        raise click.UsageError("--access-log-format and --no-access-log contradict each other")
+
     raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
                                  admin=_host_port(admin), upstream=upstream, workers=workers,
                                  log_level=log_level, access_log=access_log,

@@ -4,12 +4,15 @@ response flags, a bad format refused, and a reload changing the format."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from wasmgate.gateway.app import GatewayApp
 
 from .conftest import WASMGATE, Gateway, free_port
 from .test_gateway import conformance, gateway_doc
@@ -73,7 +76,7 @@ def test_json_format_to_a_file_with_a_plugins_filter_state(start_gateway: Start,
     assert status == 403
     [line] = wait_for_lines(path, 1)
     assert json.loads(line) == {
-        "code": 403, "details": "denied-by-guard", "flags": None, "path": "/x",
+        "code": 403, "details": "denied-by-guard", "flags": "-", "path": "/x",
         "added": "yes", "resp": None, "ai_log": "tokens-7", "cluster": "backend",
         "received": 0, "route": "main"}
 
@@ -135,3 +138,44 @@ def test_reload_changes_the_format_and_no_access_log_turns_it_off(
     quiet.process.terminate()  # flushes at shutdown: nothing to flush
     quiet.process.wait(10)
     assert not (tmp_path / "quiet.log").exists()
+
+
+def test_a_plugins_reply_without_details_is_not_via_upstream(start_gateway: Start,
+                                                             upstream: str) -> None:
+    """The Go SDK's SendHttpResponse gives no details: the line must not say the upstream
+    answered."""
+    gateway = start_gateway(
+        gateway_doc(upstream) + conformance(
+            "guard", ["request_headers send_local_response 403 s: s:no null -1"]),
+        "--access-log-format", "wasmgate %RESPONSE_CODE% %RESPONSE_CODE_DETAILS%")
+    assert gateway.get("/x")[0] == 403
+    logs = gateway.wait_logged("wasmgate 403 ")
+    assert [line for line in logs.splitlines() if line.startswith("wasmgate ")] == [
+        "wasmgate 403 -"]
+
+
+def test_requests_cut_off_at_shutdown_are_logged(tmp_path: Path) -> None:
+    """A request still waiting when the drain ends is logged (downstream disconnect) before
+    the log is closed, as Envoy logs it."""
+    async def main() -> str:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # never answers
+        path = tmp_path / "access.log"
+        listen = free_port()
+        config = tmp_path / "gateway.yaml"
+        config.write_text(gateway_doc(
+            f"127.0.0.1:{silent.sockets[0].getsockname()[1]}",
+            extra=f"  listen: 127.0.0.1:{listen}\n  admin: 127.0.0.1:0\n"
+                  f"  accessLog:\n    path: {path}\n"
+                  "    format: '%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)%'\n"))
+        app = GatewayApp([config], drain_seconds=0.2, reload_interval=0)
+        await app.start()
+        _, writer = await asyncio.open_connection("127.0.0.1", listen)
+        writer.write(b"GET /cut HTTP/1.1\r\nhost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the request reached the upstream, which keeps silent
+        await app.stop()
+        writer.close()
+        silent.close()
+        return path.read_text()
+
+    assert asyncio.run(main()) == "0 DC /cut\n"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import itertools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,7 +89,7 @@ def test_headers_alternatives_truncation_and_filter_state() -> None:
                           "%FILTER_STATE(wasm.ai_log:PLAIN)% %FILTER_STATE(wasm.ai_log:TYPED):9% "
                           "%FILTER_STATE(wasm.none)% %FILTER_STATE(envoy.other)%")
     assert fmt.render(RECORD) == ('/v1/chat application/json 0 - '
-                                  '{"model":"qwen","input_token":7} "{\\"model - -')
+                                  '{"model":"qwen","input_token":7} {"@type": - -')
 
 
 def test_json_lines_keep_types_and_nulls() -> None:
@@ -97,7 +100,7 @@ def test_json_lines_keep_types_and_nulls() -> None:
         "nested": {"flags": "%RESPONSE_FLAGS%"}}))
     assert json.loads(fmt.render(RECORD)) == {
         "code": 200, "bytes": 1234, "ai_log": '{"model":"qwen","input_token":7}', "tls": None,
-        "line": "POST /v1/chat/completions", "fixed": 1, "nested": {"flags": None}}
+        "line": "POST /v1/chat/completions", "fixed": 1, "nested": {"flags": "-"}}
 
 
 def test_failures_get_envoy_response_flags_and_details() -> None:
@@ -176,3 +179,59 @@ def test_pipe_writer_writes_whole_lines_of_at_most_pipe_buf() -> None:
     # as few writes as the limit allows: no two neighbours would have fitted in one
     assert all(len(a) + len(b) > 4096 for a, b in itertools.pairwise(writes))
     assert len(writes) >= 9  # 30 lines of ~1 KB: 4 to a write; the long one; "last"
+
+
+def test_envoy_and_istio_details_of_the_language() -> None:
+    record = dataclasses.replace(RECORD, start_time=1795521600.9996,
+                                 details="upstream_reset_after_response_started"
+                                         "{connection_termination}")
+    # %% is a literal %; Istio's newline at the end of a format is not doubled
+    assert AccessLogFormat("100%% %RESPONSE_CODE%\n").render(record) == "100% 200"
+    # fractions are truncated, never rounded into the next second; %f / %3f as Envoy's
+    assert AccessLogFormat("%START_TIME(%H:%M:%E3S)% %START_TIME(%s.%3f)%").render(
+        record) == "12:00:00.999 1795521600.999"
+    assert AccessLogFormat("%START_TIME(%f)%").render(
+        dataclasses.replace(RECORD, start_time=1795521600.75)) == "750000000"
+    # an HTTP/1 upstream connection lost mid-response: UC (the reset reason)
+    assert AccessLogFormat("%RESPONSE_FLAGS%").render(record) == "UC"
+    assert AccessLogFormat("%UPSTREAM_CLUSTER_RAW%").render(record) == "llm"
+
+
+def test_typed_filter_state_is_envoys_bytes_value() -> None:
+    """Envoy keeps a proxy_set_property value as bytes: TYPED prints the BytesValue Any, an
+    object in a JSON format, its JSON text in a text format."""
+    typed = {"@type": "type.googleapis.com/google.protobuf.BytesValue",
+             "value": base64.b64encode(b'{"model":"qwen","input_token":7}').decode()}
+    assert json.loads(AccessLogFormat("%FILTER_STATE(wasm.ai_log)%").render(RECORD)) == typed
+    line = AccessLogFormat(json_format=parse_json_format(
+        {"fs": "%FILTER_STATE(wasm.ai_log:TYPED)%", "flags": "%RESPONSE_FLAGS%"})).render(RECORD)
+    assert json.loads(line) == {"fs": typed, "flags": "-"}  # (flags: a string, as Envoy's)
+
+
+def test_a_local_reply_is_never_via_upstream() -> None:
+    fmt = AccessLogFormat("%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%")
+    assert fmt.render(dataclasses.replace(RECORD, status=403, local_reply=True)) == "403 -"
+    assert fmt.render(RECORD) == "200 via_upstream"
+
+
+def test_a_reader_that_stops_reading_never_blocks_the_caller(tmp_path: Path) -> None:
+    """A full pipe (a paused `| less`, a stuck log shipper) blocks the writer thread only:
+    write() returns; what does not fit in the backlog is dropped and counted."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    writer = AccessLogWriter(str(fifo))
+    writer.MAX_BACKLOG_BYTES = 256 << 10
+    try:
+        for i in range(20000):  # ~2 MiB: far past the pipe's 64 KiB and the backlog
+            writer.write(f"line {i} " + "x" * 100)  # (no loop: each handed over at once)
+        assert writer.dropped > 0
+    finally:
+        os.close(reader)  # the blocked write fails (EPIPE): the thread ends its work
+        writer.close(timeout=5)
+
+
+def test_closed_stdout_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdout", None)  # what Python has when fd 1 was closed
+    with pytest.raises(OSError, match="/dev/stdout is closed"):
+        AccessLogWriter("/dev/stdout")

@@ -18,11 +18,12 @@ ISTIO_TEXT_FORMAT = (
     "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% "
     '"%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
     '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
-    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER% '
+    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
     "%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% "
     "%REQUESTED_SERVER_NAME% %ROUTE_NAME%"
 )
-"""Istio's default text format (meshConfig.accessLogFormat unset), the one wasmgate uses too."""
+"""Istio's default text format (meshConfig.accessLogFormat unset; pilot's EnvoyTextLogFormat),
+the one wasmgate uses too."""
 
 PLAIN_OPERATORS = frozenset({
     "START_TIME", "RESPONSE_CODE", "RESPONSE_CODE_DETAILS", "RESPONSE_FLAGS", "PROTOCOL",
@@ -30,7 +31,7 @@ PLAIN_OPERATORS = frozenset({
     "UPSTREAM_LOCAL_ADDRESS", "UPSTREAM_TRANSPORT_FAILURE_REASON", "DOWNSTREAM_REMOTE_ADDRESS",
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_LOCAL_ADDRESS",
     "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", "REQUESTED_SERVER_NAME",
-    "CONNECTION_TERMINATION_DETAILS", "ROUTE_NAME", "HOSTNAME",
+    "CONNECTION_TERMINATION_DETAILS", "ROUTE_NAME", "HOSTNAME", "UPSTREAM_CLUSTER_RAW",
 })
 """Operators without an argument (START_TIME takes an optional strftime one)."""
 
@@ -61,13 +62,18 @@ Piece = str | Operator
 
 
 def parse_format(text: str) -> tuple[Piece, ...]:
-    """The format's literal text and operators, in order. Raises FormatError."""
+    """The format's literal text and operators, in order (``%%`` is a literal ``%``).
+    Raises FormatError."""
     pieces: list[Piece] = []
     position = 0
     while True:
         start = text.find("%", position)
         if start < 0:
             break
+        if text.startswith("%%", start):
+            pieces.append(text[position:start + 1])
+            position = start + 2
+            continue
         match = _COMMAND.match(text, start)
         if match is None:
             raise FormatError(f"at position {start}: '%' does not start a command operator "
@@ -78,7 +84,13 @@ def parse_format(text: str) -> tuple[Piece, ...]:
         position = match.end()
     if position < len(text):
         pieces.append(text[position:])
-    return tuple(pieces)
+    merged: list[Piece] = []  # adjacent literals (around a %%) as one
+    for piece in pieces:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        elif piece != "":
+            merged.append(piece)
+    return tuple(merged)
 
 
 def _operator(match: re.Match[str], at: int) -> Operator:

@@ -14,13 +14,17 @@ Values that could break a line (CR, LF in a plugin's filter state) are escaped.
 from __future__ import annotations
 
 import asyncio
+import base64
+import errno
 import json
 import logging
 import os
 import socket
 import stat
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO
@@ -58,9 +62,11 @@ class AccessRecord:
     downstream_local: tuple[str, int] = ("", 0)
     filter_state: Mapping[bytes, bytes] = field(default_factory=dict)
     """The stream's proxy_set_property values (Envoy's filter state ``wasm.<key>``)."""
+    local_reply: bool = False
+    """The response was made by the gateway or a plugin, not the upstream."""
 
 
-Value = str | int | None
+Value = str | int | dict[str, str] | None
 Getter = Callable[[AccessRecord], Value]
 
 _FLAGS = (  # details prefix -> Envoy's response flag
@@ -69,7 +75,7 @@ _FLAGS = (  # details prefix -> Envoy's response flag
     ("upstream_reset_before_response_started{connection_termination}", "UC"),
     ("upstream_reset_before_response_started", "UF"),
     ("upstream_response_timeout", "UT"),
-    ("upstream_reset_after_response_started", "UR"),
+    ("upstream_reset_after_response_started", "UC"),  # (HTTP/1: the connection went)
     ("downstream_remote_disconnect", "DC"),
 )
 _HOSTNAME = socket.gethostname()
@@ -97,7 +103,7 @@ def _header_getter(op: Operator, of: Callable[[AccessRecord], Pairs]) -> Getter:
     return get
 
 
-def _filter_state_getter(op: Operator) -> Getter:
+def _filter_state_getter(op: Operator, json_value: bool = False) -> Getter:
     assert op.argument is not None
     # proxy_set_property values are Envoy's filter state `wasm.<key>`; there is no other kind
     key = op.argument[5:].encode() if op.argument.startswith("wasm.") else None
@@ -107,9 +113,14 @@ def _filter_state_getter(op: Operator) -> Getter:
         raw = record.filter_state.get(key) if key is not None else None
         if raw is None:
             return None
-        text = raw.decode("utf-8", "replace")
-        if not plain:
-            text = json.dumps(text)
+        if not plain:  # Envoy's TYPED form of a Wasm filter state: a BytesValue proto
+            typed = {"@type": "type.googleapis.com/google.protobuf.BytesValue",
+                     "value": base64.b64encode(raw).decode("ascii")}
+            if json_value:
+                return typed
+            text = json.dumps(typed, separators=(",", ":"))
+        else:
+            text = raw.decode("utf-8", "replace")
         return text[:limit] if limit is not None else text
     return get
 
@@ -134,10 +145,11 @@ def _start_time_getter(op: Operator) -> Getter:
         seconds = int(record.start_time)
         fraction = record.start_time - seconds
         text = pattern
-        for digits in (3, 6, 9):  # Envoy's %E3S: seconds with that many decimals (truncated)
+        for digits in range(9, 0, -1):  # Envoy's %E3S (seconds.ddd), %3f (ddd), truncated
             decimals = f"{int(fraction * 10 ** digits):0{digits}d}"
-            text = text.replace(f"%E{digits}S", "%S." + decimals)
-        text = text.replace("%s", str(seconds))
+            text = text.replace(f"%E{digits}S", "%S." + decimals).replace(f"%{digits}f",
+                                                                          decimals)
+        text = text.replace("%f", f"{int(fraction * 10 ** 9):09d}").replace("%s", str(seconds))
         return time.strftime(text, time.gmtime(seconds))
     return formatted
 
@@ -150,17 +162,19 @@ def _address(address: tuple[str, int]) -> str | None:
 
 
 def _flags(record: AccessRecord) -> Value:
+    """Envoy's response flags; "-" for none, a string even in a JSON format, as Envoy's."""
     if not record.details:  # (most requests)
-        return None
+        return "-"
     for prefix, flag in _FLAGS:
         if record.details.startswith(prefix):
             return flag
-    return None
+    return "-"
 
 
 _GETTERS: dict[str, Getter] = {
     "RESPONSE_CODE": lambda r: r.status,
-    "RESPONSE_CODE_DETAILS": lambda r: r.details or ("via_upstream" if r.status else None),
+    "RESPONSE_CODE_DETAILS": lambda r: r.details or (
+        "via_upstream" if r.status and not r.local_reply else None),
     "RESPONSE_FLAGS": _flags,
     "PROTOCOL": lambda r: r.protocol,
     "BYTES_RECEIVED": lambda r: r.bytes_received,
@@ -168,6 +182,7 @@ _GETTERS: dict[str, Getter] = {
     "DURATION": lambda r: int(r.duration * 1000),
     "UPSTREAM_HOST": lambda r: r.upstream_host,
     "UPSTREAM_CLUSTER": lambda r: r.upstream_cluster,
+    "UPSTREAM_CLUSTER_RAW": lambda r: r.upstream_cluster,
     "ROUTE_NAME": lambda r: r.route_name,
     "DOWNSTREAM_REMOTE_ADDRESS": lambda r: _address(r.downstream_remote),
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda r: r.downstream_remote[0] or None,
@@ -210,9 +225,11 @@ _TEXT_EXPRESSIONS = {  # operators whose text is one expression over the record 
     "DURATION": "str(int(r.duration * 1000))",
     "UPSTREAM_HOST": "(r.upstream_host or '-')",
     "UPSTREAM_CLUSTER": "(r.upstream_cluster or '-')",
+    "UPSTREAM_CLUSTER_RAW": "(r.upstream_cluster or '-')",
     "ROUTE_NAME": "(r.route_name or '-')",
-    "RESPONSE_CODE_DETAILS": "(r.details or ('via_upstream' if r.status else '-'))",
-    "RESPONSE_FLAGS": "(_flags(r) or '-')",
+    "RESPONSE_CODE_DETAILS":
+        "(r.details or ('via_upstream' if r.status and not r.local_reply else '-'))",
+    "RESPONSE_FLAGS": "_flags(r)",
     "DOWNSTREAM_REMOTE_ADDRESS": "(_address(r.downstream_remote) or '-')",
     "DOWNSTREAM_LOCAL_ADDRESS": "(_address(r.downstream_local) or '-')",
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": "(r.downstream_remote[0] or '-')",
@@ -297,6 +314,8 @@ def _compile_json(spec: object) -> Callable[[AccessRecord], object]:
         return lambda record: {key: get(record) for key, get in fields}
     if isinstance(spec, tuple):
         if len(spec) == 1 and isinstance(spec[0], Operator):
+            if spec[0].name == "FILTER_STATE":
+                return _filter_state_getter(spec[0], json_value=True)
             return _getter(spec[0])
         return _compile_text(spec)
     return lambda record: spec
@@ -312,50 +331,110 @@ class AccessLogFormat:
             self.render: Callable[[AccessRecord], str] = lambda record: json.dumps(
                 to_json(record), separators=(",", ":"), ensure_ascii=False)
         else:
-            self.render = _compile_text(parse_format(text or ISTIO_TEXT_FORMAT))
+            text = text or ISTIO_TEXT_FORMAT
+            if text.endswith("\n"):  # Istio adds the newline only when a format has none
+                text = text[:-1]
+            self.render = _compile_text(parse_format(text))
 
 
 class AccessLogWriter:
-    """Lines to stdout, stderr or a file (opened for append), flushed within FLUSH_SECONDS."""
+    """Lines to stdout, stderr or a file (opened for append).
+
+    The event loop only buffers lines and, each FLUSH_SECONDS or FLUSH_BYTES, hands one
+    encoded batch to a writer thread: a reader that stops reading (a paused `| less`, a stuck
+    log shipper) or a slow disk blocks that thread, never the gateway. Batches past
+    MAX_BACKLOG_BYTES waiting for the thread are dropped, counted and warned about once.
+    A batch is one write to a regular file (O_APPEND: never interleaved with another
+    worker's) and writes of whole lines of at most PIPE_BUF bytes to a pipe (atomic; a
+    single line longer than PIPE_BUF is one write the kernel may interleave with another
+    process's lines on the same pipe)."""
+
+    FLUSH_BYTES = 64 << 10  # (Envoy's file access log buffer)
+    MAX_BACKLOG_BYTES = 16 << 20
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._stream: IO[str] | None = None
-        if path in ("/dev/stdout", "-"):
-            self._fd = sys.stdout.fileno()
-            self._stream = sys.stdout  # (text already buffered there is written first)
-        elif path == "/dev/stderr":
-            self._fd = sys.stderr.fileno()
-            self._stream = sys.stderr
+        if path in ("/dev/stdout", "-", "/dev/stderr"):
+            stream = sys.stderr if path == "/dev/stderr" else sys.stdout
+            if stream is None:
+                raise OSError(errno.EBADF, f"{path} is closed")
+            self._fd = stream.fileno()
+            self._stream = stream  # (text already buffered there is written first)
         else:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._owned = self._stream is None
         self._whole = stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._lines: list[str] = []
-        self.dropped = 0  # writes that failed (each a batch of lines)
+        self._size = 0
+        self.dropped = 0  # lines not written (backlog full, or the write failed)
         self._timer: asyncio.TimerHandle | None = None
+        self._backlog: deque[tuple[bytes, int]] = deque()
+        self._backlog_bytes = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
     def write(self, line: str) -> None:
         self._lines.append(line)
-        if self._timer is None:
+        self._size += len(line)
+        if self._size >= self.FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
             try:
                 loop = asyncio.get_running_loop()
-            except RuntimeError:
+            except RuntimeError:  # (no event loop: written at once)
                 self.flush()
                 return
             self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
+        """Hand what is buffered to the writer thread."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        lines, self._lines = self._lines, []
-        if not lines:
+        lines, self._lines, self._size = self._lines, [], 0
+        if not lines or self._closing:
+            self.dropped += len(lines)
             return
-        if self._stream is not None:
-            self._stream.flush()
         lines.append("")
         data = "\n".join(lines).encode("utf-8", "replace")
+        with self._cond:
+            if self._backlog_bytes + len(data) > self.MAX_BACKLOG_BYTES:
+                self._drop(len(lines) - 1, "the output is not keeping up")
+                return
+            self._backlog.append((data, len(lines) - 1))
+            self._backlog_bytes += len(data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name=f"access-log {self.path}")
+                self._thread.start()
+            self._cond.notify()
+
+    def _drop(self, lines: int, why: str) -> None:
+        self.dropped += lines
+        if self.dropped == lines:  # the first time
+            log.warning("access log %s: %s; dropping lines (counted) until it can", self.path,
+                        why)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._backlog and not self._closing:
+                    self._cond.wait()
+                if not self._backlog:
+                    return
+                data, lines = self._backlog.popleft()
+            try:
+                if self._stream is not None:
+                    self._stream.flush()
+                self._write_batch(data)
+            except OSError as exc:  # a full disk, a closed stdout
+                self._drop(lines, f"cannot write ({exc})")
+            with self._cond:
+                self._backlog_bytes -= len(data)
+
+    def _write_batch(self, data: bytes) -> None:
         if self._whole:  # a regular file opened O_APPEND: one write is not interleaved
             self._write_all(data)
             return
@@ -370,18 +449,21 @@ class AccessLogWriter:
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as exc:  # a full pipe or disk, a closed stdout: drop, never stall
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("access log %s: cannot write (%s); dropping lines until it can",
-                            self.path, exc)
+        while view:
+            view = view[os.write(self._fd, view):]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is buffered (waiting up to `timeout` s for the output), then stop."""
         self.flush()
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("access log %s: output blocked; %d bytes not written", self.path,
+                            self._backlog_bytes)
+                return  # (the thread still owns the fd)
         if self._owned:
             os.close(self._fd)
             self._owned = False

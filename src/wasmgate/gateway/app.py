@@ -307,6 +307,8 @@ class GatewayApp:
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.close()
+        for _ in range(3):  # their connection_lost (each cut request's access line) first
+            await asyncio.sleep(0)
         for writer in self._access_writers.values():
             writer.close()
         await self.admin.close()

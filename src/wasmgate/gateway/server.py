@@ -61,6 +61,7 @@ from ..chain import (
     SendBody,
     SendHeaders,
     SendTrailers,
+    StreamState,
 )
 from ..runtime.serde import Pairs
 from .access_log import AccessLog, AccessRecord
@@ -1039,4 +1040,5 @@ class Exchange:
             upstream_cluster=route.cluster_name if route is not None else None,
             route_name=route.route_name if route is not None else None,
             downstream_remote=self.connection.peer, downstream_local=self.connection.local,
-            filter_state=stream.filter_state if stream is not None else {}))
+            filter_state=stream.filter_state if stream is not None else {},
+            local_reply=stream is not None and stream.state is StreamState.LOCAL_REPLY))

@@ -279,3 +279,10 @@ def test_plugins_of_one_stream_share_its_filter_state() -> None:
                                             for cb in ("request_headers", "response_headers",
                                                        "log")]
     assert reads(FilterChain([writer, reader])) == seen
+    # the reader first: in every stream of one chain its request_headers comes before the
+    # writer's, so a value left over from the previous stream would show there
+    reader_first = FilterChain([reader, writer])
+    for _ in range(2):
+        assert reads(reader_first) == ["request_headers get_property status=1 out=",
+                                       "response_headers get_property status=0 out=tokens-7",
+                                       "log get_property status=0 out=tokens-7"]
