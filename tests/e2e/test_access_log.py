@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -179,3 +180,47 @@ def test_requests_cut_off_at_shutdown_are_logged(tmp_path: Path) -> None:
         return path.read_text()
 
     assert asyncio.run(main()) == "0 DC /cut\n"
+
+
+def test_workers_sharing_a_stdout_pipe_never_mix_long_lines(tmp_path: Path,
+                                                            upstream: str) -> None:
+    """stdout is a pipe (as under Kubernetes) shared by --workers: lines far longer than
+    PIPE_BUF (an ai_log with a long prompt) arrive whole, since the workers relay them to the
+    parent, the one process writing there."""
+    config = tmp_path / "gateway.yaml"
+    port, admin = free_port(), free_port()
+    config.write_text(gateway_doc(upstream, extra="  accessLog:\n    format: '%REQ(x-long)%'\n"))
+    process = subprocess.Popen(
+        [str(WASMGATE), "run", "-c", str(config), "--listen", f"127.0.0.1:{port}", "--admin",
+         f"127.0.0.1:{admin}", "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    gateway = Gateway(process, port, admin, tmp_path / "unused.log")  # type: ignore[arg-type]
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(process.stdout.read()))  # type: ignore
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if gateway.admin_get("/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+
+        def send(letter: str) -> None:
+            for _ in range(10):  # a connection each: spread over both workers' listeners
+                assert gateway.get("/", headers={"x-long": letter * 20000,
+                                                 "connection": "close"})[0] == 200
+        senders = [threading.Thread(target=send, args=(c,)) for c in "abcd"]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+    finally:
+        process.terminate()
+        process.wait(30)
+        reader.join(30)
+    lines = out[0].decode().splitlines()
+    assert sorted(lines) == sorted(c * 20000 for c in "abcd" for _ in range(10))

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import IO
 
 from ..api.access_log import ISTIO_TEXT_FORMAT, Operator, Piece, parse_format
@@ -347,12 +348,17 @@ class AccessLogWriter:
     A batch is one write to a regular file (O_APPEND: never interleaved with another
     worker's) and writes of whole lines of at most PIPE_BUF bytes to a pipe (atomic; a
     single line longer than PIPE_BUF is one write the kernel may interleave with another
-    process's lines on the same pipe)."""
+    process's lines on the same pipe).
+
+    With `--workers`, a worker is given `relay` (a pipe to the parent): its batches for a
+    path that is not a regular file (stdout under Kubernetes is a pipe) go to the parent,
+    which is the one process writing there (`relay_batch`), so lines of any length from
+    several workers never mix."""
 
     FLUSH_BYTES = 64 << 10  # (Envoy's file access log buffer)
     MAX_BACKLOG_BYTES = 16 << 20
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, relay: Connection | None = None) -> None:
         self.path = path
         self._stream: IO[str] | None = None
         if path in ("/dev/stdout", "-", "/dev/stderr"):
@@ -365,6 +371,7 @@ class AccessLogWriter:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._owned = self._stream is None
         self._whole = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._relay = None if self._whole else relay
         self._lines: list[str] = []
         self._size = 0
         self.dropped = 0  # lines not written (backlog full, or the write failed)
@@ -398,12 +405,18 @@ class AccessLogWriter:
             self.dropped += len(lines)
             return
         lines.append("")
-        data = "\n".join(lines).encode("utf-8", "replace")
+        self.write_batch("\n".join(lines).encode("utf-8", "replace"), len(lines) - 1)
+
+    def write_batch(self, data: bytes, lines: int) -> None:
+        """Queue `lines` whole encoded lines for the writer thread."""
         with self._cond:
-            if self._backlog_bytes + len(data) > self.MAX_BACKLOG_BYTES:
-                self._drop(len(lines) - 1, "the output is not keeping up")
+            if self._closing:
+                self.dropped += lines
                 return
-            self._backlog.append((data, len(lines) - 1))
+            if self._backlog_bytes + len(data) > self.MAX_BACKLOG_BYTES:
+                self._drop(lines, "the output is not keeping up")
+                return
+            self._backlog.append((data, lines))
             self._backlog_bytes += len(data)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -429,12 +442,15 @@ class AccessLogWriter:
                 if self._stream is not None:
                     self._stream.flush()
                 self._write_batch(data)
-            except OSError as exc:  # a full disk, a closed stdout
+            except (OSError, ValueError) as exc:  # a full disk, a closed stdout or relay
                 self._drop(lines, f"cannot write ({exc})")
             with self._cond:
                 self._backlog_bytes -= len(data)
 
     def _write_batch(self, data: bytes) -> None:
+        if self._relay is not None:  # the parent writes it (see the class docstring)
+            self._relay.send_bytes(self.path.encode() + b"\0" + data)
+            return
         if self._whole:  # a regular file opened O_APPEND: one write is not interleaved
             self._write_all(data)
             return
@@ -467,6 +483,20 @@ class AccessLogWriter:
         if self._owned:
             os.close(self._fd)
             self._owned = False
+
+
+def relay_batch(writers: dict[str, AccessLogWriter], message: bytes) -> None:
+    """In the `--workers` parent: write a batch a worker relayed (`path \\0 lines`)."""
+    path, _, data = message.partition(b"\0")
+    name = path.decode()
+    writer = writers.get(name)
+    if writer is None:
+        try:
+            writer = writers[name] = AccessLogWriter(name)
+        except OSError as exc:
+            log.warning("access log %s: cannot open (%s); relayed lines dropped", name, exc)
+            return
+    writer.write_batch(data, data.count(b"\n"))
 
 
 class AccessLog:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..api.access_log import parse_json_format
@@ -51,7 +52,8 @@ class GatewayApp:
                  shared_data: SharedDataStore | None = None,
                  shared_queues: SharedQueueStore | None = None,
                  metric_store: MetricStore | None = None, worker: int | None = None,
-                 access_log: bool | None = None, access_log_format: str | None = None) -> None:
+                 access_log: bool | None = None, access_log_format: str | None = None,
+                 access_relay: Connection | None = None) -> None:
         """`access_log`: True / False override the Gateway document's ``spec.accessLog``
         (None: as it says); `access_log_format` (an Envoy text format) implies True."""
         self.ca_file = ca_file
@@ -67,6 +69,7 @@ class GatewayApp:
         self.access_log_override = True if access_log_format else access_log
         self.access_log_format = access_log_format
         self._access_writers: dict[str, AccessLogWriter] = {}  # by path, kept across reloads
+        self.access_relay = access_relay  # --workers: the parent writes stdout's lines
         self.drain_seconds = drain_seconds
         self.cache_dir = cache_dir
         self.plugin_log_level = LogLevel.parse(plugin_log_level)
@@ -200,7 +203,7 @@ class GatewayApp:
         writer = self._access_writers.get(config.path)
         if writer is None:
             try:
-                writer = AccessLogWriter(config.path)
+                writer = AccessLogWriter(config.path, self.access_relay)
             except OSError as exc:
                 raise ConfigInvalid(f"spec.accessLog.path: cannot open {config.path}: "
                                     f"{exc.strerror or exc}") from None

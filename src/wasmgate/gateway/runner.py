@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from .access_log import AccessLogWriter, relay_batch
 from .app import ConfigInvalid, GatewayApp, load_config
 from .shared_metrics import ProcessMetricStore
 from .shared_queues import ProcessSharedQueues
@@ -188,6 +189,10 @@ class _Supervisor:
         self.exit_code = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Access log lines the workers relay (for a pipe or terminal: one writer, whole
+        # lines; access_log.py); read until EOF, also after their worker exited.
+        self.relays: list[multiprocessing.connection.Connection] = []
+        self.relay_writers: dict[str, AccessLogWriter] = {}
 
     def run(self) -> int:
         log = logging.getLogger("wasmgate")
@@ -206,22 +211,44 @@ class _Supervisor:
                 timeout = None if due is None else max(0.0, due - time.monotonic())
                 sentinels = {p.sentinel: i for i, p in enumerate(self.processes)
                              if p is not None}
-                ready = multiprocessing.connection.wait([*sentinels, self._wake_r], timeout)
+                ready = multiprocessing.connection.wait(
+                    [*sentinels, self._wake_r, *self.relays], timeout)
                 if self._wake_r in ready:
                     os.read(self._wake_r, 512)
-                for sentinel in ready:
-                    if sentinel in sentinels:
-                        self._exited(sentinels[sentinel], log)
+                for item in ready:
+                    if item in sentinels:
+                        self._exited(sentinels[item], log)  # type: ignore[index]
+                    elif isinstance(item, multiprocessing.connection.Connection):
+                        self._relay(item)
+            while self.relays:  # what exited workers left in their pipes
+                ready = multiprocessing.connection.wait(self.relays, 5)
+                if not ready:  # (nothing more within 5 s: give up on the rest)
+                    break
+                for relay in ready:
+                    self._relay(relay)  # type: ignore[arg-type]
         finally:
             os.close(self._wake_r)
             os.close(self._wake_w)
+            for writer in self.relay_writers.values():
+                writer.close()
         return self.exit_code
 
+    def _relay(self, relay: multiprocessing.connection.Connection) -> None:
+        try:
+            relay_batch(self.relay_writers, relay.recv_bytes())
+        except (EOFError, OSError):  # the worker is gone and its pipe drained
+            relay.close()
+            self.relays.remove(relay)
+
     def _start(self, index: int) -> None:
+        reader, writer = self.context.Pipe(duplex=False)
+        options = {**self.options, "access_relay": writer}
         process = self.context.Process(
-            target=_worker, args=(self.configs, dict(self.options), index, self.shared_data,
+            target=_worker, args=(self.configs, options, index, self.shared_data,
                                   self.metrics, os.getpid()), name=f"wasmgate-worker-{index}")
         process.start()
+        writer.close()  # the worker's copy only: EOF once it is gone
+        self.relays.append(reader)
         self.processes[index] = process
         self.started[index] = time.monotonic()
         # port 0 until the new process listens: worker 0 does not ask the old one's port
