@@ -109,6 +109,8 @@ def _request_id() -> bytes:
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 _TIMER_SLACK = 0.001
 _HEAD_SPECIAL = HOP_BY_HOP | {b"content-length"}
+_REQUEST_SPECIAL = frozenset({b"host", b"x-forwarded-for", b"content-length",
+                              b"transfer-encoding", b"x-request-id", b"connection", b"expect"})
 MAX_REQUEST_HEAD_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
 MAX_REQUEST_HEADERS = 100  # Envoy's max_headers_count default
 REQUEST_HEAD_TIMEOUT = float(os.environ.get("WASMGATE_REQUEST_HEAD_TIMEOUT") or 300)
@@ -535,7 +537,13 @@ class Exchange:
             target, authority = _origin_form(self.method, target)
         pairs: Pairs = [(b":method", self.method), (b":path", target), (b"", b""),
                         (b":scheme", b"http")]
-        for key, value in headers:
+        append = pairs.append
+        for pair in headers:
+            key = pair[0]
+            if key not in _REQUEST_SPECIAL:  # (most headers: one set lookup)
+                append(pair)
+                continue
+            value = pair[1]
             if key == b"host":
                 if host is not None:
                     raise _Refused(400, b"multiple host headers\n")
@@ -552,12 +560,13 @@ class Exchange:
                 chunked = True
             elif key == b"x-request-id":
                 has_id = True
-            elif key == b"connection" and value.lower() not in (b"keep-alive", b"close"):
-                self._plain = False  # it names more hop-by-hop headers: the general path
-            elif key == b"expect" and value.lower() == b"100-continue":
+            elif key == b"connection":
+                if value.lower() not in (b"keep-alive", b"close"):
+                    self._plain = False  # it names more hop-by-hop headers: the general path
+            elif value.lower() == b"100-continue":  # (expect)
                 self.expects_continue = self.version == "1.1"  # (1.0: MUST be ignored)
                 continue
-            pairs.append((key, value))
+            append(pair)
         if host is None and authority is None and self.version == "1.1":
             raise _Refused(400, b"missing host header\n")
         pairs[2] = (b":authority", authority or host or b"")
