@@ -171,10 +171,11 @@ class ChainStream:
         return actions
 
     def headers_suspect(self) -> bool:
-        """A plugin of this stream wrote a header field an HTTP/1 codec may refuse (CR, LF,
-        NUL, a bad name...): the server validates the heads it serializes in full only then."""
+        """A plugin of this stream changed a header map (or replied with a suspect field):
+        the server validates the heads it serializes in full only then (a plugin may have
+        written CR, LF, NUL or a bad name; nothing else can)."""
         for f in self.filters:  # noqa: SIM110 - (a loop: no generator frame, per request)
-            if f.context is not None and f.context.state.suspect_headers:
+            if f.context is not None and f.context.state.headers_written:
                 return True
         return False
 

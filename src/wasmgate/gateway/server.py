@@ -770,7 +770,7 @@ class Exchange:
         lines.append(b"\r\n")
         head = b"\r\n".join(lines)
         # Only a plugin can have put a bad byte here, and the runtime marks a stream whose
-        # plugin wrote a suspect field (serde.fields_suspect): the full check runs then.
+        # plugin changed a header map (or replied with a suspect field): checked then.
         if self.stream is not None and self.stream.headers_suspect() and not (
                 head_is_clean(head, len(lines)) and names_are_tokens(out)
                 and is_token(method) and is_target(path)):
@@ -948,7 +948,7 @@ class Exchange:
         try:
             if not 200 <= status <= 999:  # (a 1xx would leave the client waiting for more)
                 raise InvalidHead("invalid :status")
-            # in full only for a stream whose plugin wrote a suspect field (see `_head`)
+            # in full only for a stream whose plugin changed a header map (see `_head`)
             suspect = self.stream is not None and self.stream.headers_suspect()
             if suspect and not names_are_tokens(out):
                 raise InvalidHead(head_problem(out) or "invalid response head")

@@ -46,6 +46,8 @@ class HeaderSlot:
     pairs: Pairs | None = None
     readable: bool = False
     writable: bool = False
+    written: bool = False
+    """A plugin changed it: the embedder validates what it serializes from it."""
 
     def open(self, pairs: Pairs) -> None:
         self.pairs, self.readable, self.writable = pairs, True, True
@@ -106,8 +108,16 @@ class HttpContextState(Context):
 
     kind = "http"
     suspect_headers = False
-    """A plugin wrote a header field a codec may refuse (serde.fields_suspect): the embedder
-    should validate this stream's heads before serializing them."""
+    """A plugin's local reply carries a header field a codec may refuse (serde.fields_suspect):
+    the embedder validates the reply's head (changed maps are marked on their slot)."""
+
+    @property
+    def headers_written(self) -> bool:
+        """A plugin changed a header or trailer map of this stream, or replied with a
+        suspect field: the embedder should validate the heads it serializes."""
+        return (self.suspect_headers or self.request_headers.written
+                or self.response_headers.written or self.request_trailers.written
+                or self.response_trailers.written)
 
     def __init__(self, context_id: int, root: RootContext) -> None:
         self.id = context_id  # (Context.__init__ inlined: one per request)

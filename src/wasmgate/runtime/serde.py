@@ -6,6 +6,7 @@ Parsing follows proxy-wasm-cpp-host: any size mismatch yields an empty map, not 
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable
 from itertools import chain
@@ -66,17 +67,27 @@ def normalize_headers(headers: object) -> Pairs:
 # RFC 9110 5.6.2 tchar: what `bytes.translate(None, _TCHAR)` deletes from a valid token
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _VISIBLE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+_TCHAR_LF_COLON = _TCHAR + b"\n:"
+_CR_LF_NUL = re.compile(rb"[\r\n\0]")
+_SPACE_OR_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
 
 
-def fields_suspect(pairs: Iterable[tuple[bytes, bytes]]) -> bool:
+def fields_suspect(pairs: list[tuple[bytes, bytes]]) -> bool:
     """Whether a plugin wrote a field an HTTP/1 codec may refuse: a name that is not a token,
     a value with CR, LF or NUL, a pseudo-header value with a space or control byte. Cheap and
-    conservative: the embedder validates a stream's heads in full only when it is true."""
-    for name, value in pairs:
-        if name[:1] == b":":
-            if not value or value.translate(None, _VISIBLE):
-                return True
-        elif not name or name.translate(None, _TCHAR) or b"\r" in value or b"\n" in value \
-                or b"\0" in value:
-            return True
-    return False
+    conservative: the embedder validates a stream's heads in full only when it is true.
+    (C-speed joins, counts and searches, no Python pass per field: ~1 us for a whole map.)"""
+    if not pairs:
+        return False
+    if _CR_LF_NUL.search(b"".join([pair[1] for pair in pairs])):
+        return True
+    names = b"\n" + b"\n".join([pair[0] for pair in pairs]) + b"\n"
+    if b"\n\n" in names or names.translate(None, _TCHAR_LF_COLON):
+        return True  # an empty name, or a byte no name may hold
+    colons = names.count(b":")
+    if colons == 0:
+        return False
+    if colons != names.count(b"\n:"):
+        return True  # a colon that does not start a pseudo-header name
+    pseudo = [value for name, value in pairs if name[:1] == b":"]
+    return b"" in pseudo or _SPACE_OR_CONTROL.search(b"".join(pseudo)) is not None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..abi import MapType, Status
 from ..contexts import HeaderSlot, HttpContextState, Phase
 from ..crossings import StatusError
-from ..serde import deserialize_pairs, fields_suspect, serialize_pairs
+from ..serde import deserialize_pairs, serialize_pairs
 from . import hostcall
 from ._util import OK
 
@@ -60,15 +60,8 @@ def _writable(vm: WasmVM, map_type: int) -> list[tuple[bytes, bytes]]:
     slot = _slot(vm, map_type)
     if not slot.writable or slot.pairs is None:
         raise StatusError(Status.BAD_ARGUMENT, f"map {map_type} is not writable now")
+    slot.written = True  # (one store: the embedder validates changed maps when it sends them)
     return slot.pairs
-
-
-def _check_fields(vm: WasmVM, map_type: int, pairs: list[tuple[bytes, bytes]]) -> None:
-    """Mark the stream when a plugin writes a field a codec may refuse (contexts.py)."""
-    if map_type < 4 and fields_suspect(pairs):
-        ctx = vm.context()
-        if isinstance(ctx, HttpContextState):
-            ctx.suspect_headers = True
 
 
 def _key(vm: WasmVM, ptr: int, size: int) -> bytes:
@@ -92,7 +85,6 @@ def proxy_set_header_map_pairs(vm: WasmVM, map_type: int, ptr: int, size: int) -
     pairs = _writable(vm, map_type)
     new = deserialize_pairs(vm.memory.read(ptr, size)) or []
     pairs[:] = [(k.lower(), v) for k, v in new]
-    _check_fields(vm, map_type, pairs)
     return OK
 
 
@@ -118,7 +110,6 @@ def proxy_add_header_map_value(vm: WasmVM, map_type: int, key_ptr: int, key_len:
                                value_ptr: int, value_len: int) -> int:
     key, value = _key(vm, key_ptr, key_len), vm.memory.read(value_ptr, value_len)
     _writable(vm, map_type).append((key, value))
-    _check_fields(vm, map_type, [(key, value)])
     return OK
 
 
@@ -130,7 +121,6 @@ def proxy_replace_header_map_value(vm: WasmVM, map_type: int, key_ptr: int, key_
     index = next((i for i, (k, _) in enumerate(pairs) if k == key), None)
     pairs[:] = [(k, v) for k, v in pairs if k != key]
     pairs.insert(len(pairs) if index is None else index, (key, value))
-    _check_fields(vm, map_type, [(key, value)])
     return OK
 
 
