@@ -625,11 +625,10 @@ def test_a_never_ending_head_is_bounded(start_gateway: Start, upstream: str) -> 
     client.close()
 
 
-def test_incomplete_head_times_out_and_idle_connections_close(
-        start_gateway: Start, upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WASMGATE_REQUEST_HEAD_TIMEOUT", "0.3")
-    monkeypatch.setenv("WASMGATE_IDLE_TIMEOUT", "0.6")
-    gateway = gateway_for(start_gateway, upstream)
+def test_incomplete_head_times_out_and_idle_connections_close(start_gateway: Start,
+                                                               upstream: str) -> None:
+    gateway = start_gateway(gateway_doc(upstream, extra="  requestHeadersTimeoutMs: 300\n"
+                                                        "  idleTimeoutMs: 600\n"))
     slow = Client(gateway.port).send(b"GET / HTTP/1.1\r\nhost: h\r\nx-slow")
     response = slow.response()
     assert response.status == 408 and slow.rest() == b""

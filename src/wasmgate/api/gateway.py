@@ -271,6 +271,10 @@ class GatewaySpec(SpecModel):
     replicas share, instead of this gateway's own store (see ``gateway/redis_shared.py``)."""
     body_buffer_limit_bytes: Annotated[int, Strict(), Field(ge=0)] = MIB
     access_log: AccessLog | None = None
+    request_headers_timeout_ms: Annotated[PositiveInt, Strict()] = 300_000
+    """A request head not complete within this gets 408 (Envoy's stream idle timeout)."""
+    idle_timeout_ms: Annotated[PositiveInt, Strict()] = 3_600_000
+    """A client connection idle this long is closed (Envoy's HTTP idle timeout)."""
     """Present: one line per request (``--access-log`` turns it on with the defaults)."""
 
     @model_validator(mode="after")

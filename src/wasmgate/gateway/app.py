@@ -191,8 +191,11 @@ class GatewayApp:
         self._generation += 1
         chain = FilterChain([m.slot for m in managed],
                             buffer_limit=self.gateway.spec.body_buffer_limit_bytes)  # type: ignore
+        spec = self.gateway.spec  # type: ignore[union-attr]
         self.state = ProxyState(router, chain if managed else None, self.pools, self.stats,
-                                self._generation, access_log)
+                                self._generation, access_log,
+                                spec.request_headers_timeout_ms / 1000,
+                                spec.idle_timeout_ms / 1000)
 
     def _access_log(self, spec: GatewaySpec) -> AccessLog | None:
         """The access log ``spec.accessLog`` asks for; a writer is kept per path, so a reload

@@ -13,7 +13,7 @@ from ..chain import FilterChain
 from ..runtime.serde import Pairs
 from .access_log import AccessLog
 from .http1 import header_value
-from .server import RouteTarget
+from .server import IDLE_TIMEOUT, REQUEST_HEAD_TIMEOUT, RouteTarget
 from .stats import GatewayStats
 from .upstream import Endpoint, UpstreamPools
 
@@ -76,4 +76,8 @@ class ProxyState:
     stats: GatewayStats
     generation: int = 0
     access_log: AccessLog | None = None
+    head_timeout: float = REQUEST_HEAD_TIMEOUT
+    """Seconds a request head may take (408 after)."""
+    idle_timeout: float = IDLE_TIMEOUT
+    """Seconds a downstream connection may stay idle (closed after)."""
     exchanges: int = field(default=0)

@@ -24,10 +24,10 @@ HTTP/1.1 conformance, Envoy's defaults unless said otherwise (tests/e2e/test_htt
   keep-alive) is neither answered nor forwarded. `Expect: 100-continue` is answered by the
   gateway (in order) and removed, as Envoy does by default.
 - Request heads are limited to `MAX_REQUEST_HEAD_BYTES` (60 KiB) and `MAX_REQUEST_HEADERS`
-  (100), Envoy's defaults: 431 and close. A request head that does not complete within
-  `REQUEST_HEAD_TIMEOUT` (300 s, Envoy's stream idle timeout; $WASMGATE_REQUEST_HEAD_TIMEOUT)
-  gets 408 and close; a connection idle for `IDLE_TIMEOUT` (1 h, Envoy's;
-  $WASMGATE_IDLE_TIMEOUT) is closed. One sweep per second (per event loop) checks both.
+  (100), Envoy's defaults: 431 and close. A request head that does not complete within the
+  Gateway's `requestHeadersTimeoutMs` (300 s, Envoy's stream idle timeout) gets 408 and
+  close; a connection idle for `idleTimeoutMs` (1 h, Envoy's) is closed. One sweep per
+  second (per event loop; more often for timeouts under 4 s) checks both.
 - Heads are validated where they are serialized (see http1.py): a request head a plugin left
   malformed gets Envoy's 503, a malformed response head a 502. A 204, 304 or HEAD response
   never carries body bytes; a body that disagrees with its content-length never overflows it
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import weakref
 from collections import deque
@@ -113,8 +112,8 @@ _REQUEST_SPECIAL = frozenset({b"host", b"x-forwarded-for", b"content-length",
                               b"transfer-encoding", b"x-request-id", b"connection", b"expect"})
 MAX_REQUEST_HEAD_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
 MAX_REQUEST_HEADERS = 100  # Envoy's max_headers_count default
-REQUEST_HEAD_TIMEOUT = float(os.environ.get("WASMGATE_REQUEST_HEAD_TIMEOUT") or 300)
-IDLE_TIMEOUT = float(os.environ.get("WASMGATE_IDLE_TIMEOUT") or 3600)
+REQUEST_HEAD_TIMEOUT = 300.0  # seconds; the Gateway's requestHeadersTimeoutMs by default
+IDLE_TIMEOUT = 3600.0  # seconds; its idleTimeoutMs
 
 
 class _Refused(Exception):
@@ -151,23 +150,27 @@ def _origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
 
 class _Sweeper:
     """The request-head and idle timeouts of every downstream connection of an event loop,
-    with one timer: each `period` s `tick` advances; a connection notes the tick at which its
-    head (or its idleness) began, an int store rather than a clock read per request."""
+    with one timer: each `period` s `now` takes the loop's time; a connection notes the `now`
+    at which its head (or its idleness) began, a float store rather than a clock read per
+    request. The period is 1 s, or a quarter of the shortest timeout configured."""
 
     def __init__(self) -> None:
-        self.tick = 0
+        self.now = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connections: weakref.WeakSet[DownstreamProtocol] = weakref.WeakSet()
-        self.period = max(0.05, min(1.0, REQUEST_HEAD_TIMEOUT / 4, IDLE_TIMEOUT / 4))
+        self.period = 1.0
 
-    def add(self, connection: DownstreamProtocol) -> None:
+    def add(self, connection: DownstreamProtocol, head_timeout: float,
+            idle_timeout: float) -> None:
         self.connections.add(connection)
+        self.period = max(0.05, min(self.period, head_timeout / 4, idle_timeout / 4))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # (a protocol driven by hand, with no loop)
             return
         if self.loop is not loop:
             self.loop = loop
+            self.now = loop.time()
             loop.call_later(self.period, self._sweep, loop)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -176,10 +179,9 @@ class _Sweeper:
         if not self.connections:
             self.loop = None  # the next connection starts the timer again
             return
-        self.tick += 1
-        head_ticks, idle_ticks = REQUEST_HEAD_TIMEOUT / self.period, IDLE_TIMEOUT / self.period
+        self.now = now = loop.time()
         for connection in list(self.connections):
-            connection.check_timeouts(self.tick, head_ticks, idle_ticks)
+            connection.check_timeouts(now)
         loop.call_later(self.period, self._sweep, loop)
 
 
@@ -243,7 +245,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._head_bytes = 0  # bytes of the reads that ended inside that head
         self._read_size = 0
         self._boundary = False  # a message ended in this read
-        self._since = 0  # the sweep tick at which the head, or idleness, began
+        self._since = 0.0  # the sweep's `now` when the head, or idleness, began
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -251,8 +253,9 @@ class DownstreamProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer, self.local = (peer[0], peer[1]), (local[0], local[1])
-        self._since = _SWEEPER.tick
-        _SWEEPER.add(self)
+        self._since = _SWEEPER.now
+        state = self._state_getter()
+        _SWEEPER.add(self, state.head_timeout, state.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._discard:  # after a request that closes the connection, or an error
@@ -275,15 +278,17 @@ class DownstreamProtocol(asyncio.Protocol):
                 if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
                     self._error(431, b"request header fields too large\n")
 
-    def check_timeouts(self, tick: int, head_ticks: float, idle_ticks: float) -> None:
-        """The sweep: a head begun `head_ticks` ago gets 408; idleness that long, a close."""
+    def check_timeouts(self, now: float) -> None:
+        """The sweep: a head begun longer ago than the request headers timeout gets 408;
+        idleness longer than the idle timeout, a close."""
         if self.closing or self._discard:
             return
+        state = self._state_getter()
         if self._in_head:
-            if tick - self._since > head_ticks:
+            if now - self._since > state.head_timeout:
                 log.debug("connection %d: request head timeout", self.connection_id)
                 self._error(408, b"request timeout\n")
-        elif not self.exchanges and tick - self._since > idle_ticks:
+        elif not self.exchanges and now - self._since > state.idle_timeout:
             log.debug("connection %d: idle timeout", self.connection_id)
             self.close()
 
@@ -313,7 +318,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._headers = []
         self._in_head = True
         self._head_bytes = 0
-        self._since = _SWEEPER.tick
+        self._since = _SWEEPER.now
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -411,7 +416,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 if self._final is not None:
                     self._write_final()
                     return
-                self._since = _SWEEPER.tick  # idle from now
+                self._since = _SWEEPER.now  # idle from now
 
     # -- upstream response deadlines -----------------------------------------------------------
     def arm_deadline(self, exchange: Exchange, timeout: float) -> None:
