@@ -109,6 +109,16 @@ def test_request_id_and_forwarded_for(start_gateway: Start, upstream: str) -> No
     assert len(headers["x-request-id"]) == 36
     echo = json.loads(gateway.get("/ids", headers={"x-request-id": "mine"})[2])
     assert dict(echo["headers"])["x-request-id"] == "mine"
+    # two x-forwarded-for lines are one list, the client appended to it
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.putrequest("GET", "/ids")
+    conn.putheader("x-forwarded-for", "10.0.0.1")
+    conn.putheader("x-forwarded-for", "10.0.0.2")
+    conn.endheaders()
+    echo = json.loads(conn.getresponse().read())
+    conn.close()
+    assert [v for k, v in echo["headers"] if k == "x-forwarded-for"] == [
+        "10.0.0.1, 10.0.0.2, 127.0.0.1"]
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(start_gateway: Start,

@@ -554,8 +554,8 @@ class Exchange:
                     raise _Refused(400, b"multiple host headers\n")
                 host = value
                 continue
-            if key == b"x-forwarded-for":
-                forwarded = value
+            if key == b"x-forwarded-for":  # several lines are one list (RFC 9110 5.3)
+                forwarded = value if forwarded is None else forwarded + b", " + value
                 continue
             if key == b"content-length":
                 length = value
