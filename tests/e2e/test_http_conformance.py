@@ -635,5 +635,11 @@ def test_incomplete_head_times_out_and_idle_connections_close(start_gateway: Sta
     idle = Client(gateway.port)
     assert idle.send(b"GET /once HTTP/1.1\r\nhost: h\r\n\r\n").response().status == 200
     assert idle.rest() == b""  # closed once idle, with nothing written
+    # a request body that stops arriving: 408 and close (the exchange and its upstream
+    # connection are abandoned, not held until the client goes away)
+    stalled = Client(gateway.port).send(b"POST /upload HTTP/1.1\r\nhost: h\r\n"
+                                        b"content-length: 10\r\n\r\nabc")
+    assert stalled.response().status == 408 and stalled.rest() == b""
     slow.close()
     idle.close()
+    stalled.close()

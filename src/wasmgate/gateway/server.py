@@ -25,9 +25,10 @@ HTTP/1.1 conformance, Envoy's defaults unless said otherwise (tests/e2e/test_htt
   gateway (in order) and removed, as Envoy does by default.
 - Request heads are limited to `MAX_REQUEST_HEAD_BYTES` (60 KiB) and `MAX_REQUEST_HEADERS`
   (100), Envoy's defaults: 431 and close. A request head that does not complete within the
-  Gateway's `requestHeadersTimeoutMs` (300 s, Envoy's stream idle timeout) gets 408 and
-  close; a connection idle for `idleTimeoutMs` (1 h, Envoy's) is closed. One sweep per
-  second (per event loop; more often for timeouts under 4 s) checks both.
+  Gateway's `requestHeadersTimeoutMs` (300 s, Envoy's stream idle timeout), or a request
+  body that stops arriving for that long, gets 408 and close; a connection idle for
+  `idleTimeoutMs` (1 h, Envoy's) is closed. One sweep per second (per event loop; more
+  often for timeouts under 4 s) checks both.
 - Heads are validated where they are serialized (see http1.py): a request head a plugin left
   malformed gets Envoy's 503, a malformed response head a 502. A 204, 304 or HEAD response
   never carries body bytes; a body that disagrees with its content-length never overflows it
@@ -260,6 +261,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discard:  # after a request that closes the connection, or an error
             return
+        if self._current is not None:  # a request body is arriving: the stream is active
+            self._since = _SWEEPER.now
         self._read_size = len(data)
         self._boundary = False
         try:
@@ -284,9 +287,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.closing or self._discard:
             return
         state = self._state_getter()
-        if self._in_head:
+        if self._in_head or self._current is not None:  # a request head or body arriving
             if now - self._since > state.head_timeout:
-                log.debug("connection %d: request head timeout", self.connection_id)
+                log.debug("connection %d: request timeout", self.connection_id)
                 self._error(408, b"request timeout\n")
         elif not self.exchanges and now - self._since > state.idle_timeout:
             log.debug("connection %d: idle timeout", self.connection_id)
