@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +28,8 @@ from django.urls import path, re_path
 
 from wasmgate.asgi import PluginSpec, WasmPluginMiddleware
 
-from ..conftest import CONFORMANCE, EXAMPLE
 from .conftest import free_port
+from .test_asgi import EXAMPLE_SPEC, conformance, served
 
 # -- the Django project -------------------------------------------------------------------------
 
@@ -152,31 +152,11 @@ def django_app(*plugins: PluginSpec) -> WasmPluginMiddleware:
 
 # -- plugins and drivers ------------------------------------------------------------------------
 
-EXAMPLE_SPEC = PluginSpec(EXAMPLE, config=b"hello from wasm", root_id="example")
-
-
-def conformance(*steps: str, fail: str = "FAIL_CLOSE", name: str = "conf") -> PluginSpec:
-    return PluginSpec(CONFORMANCE, config="\n".join(steps), name=name, fail_strategy=fail)
-
-
 async def request(app: Any, method: str, target: str, root_path: str = "",
                   **kwargs: Any) -> httpx.Response:
     transport = httpx.ASGITransport(app=app, root_path=root_path)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         return await client.request(method, target, **kwargs)
-
-
-def served(middleware: WasmPluginMiddleware, body: Callable[[], Awaitable[None]]) -> None:
-    """Load the plugins (the ASGI transport sends no lifespan), run `body`, close them."""
-    async def main() -> None:
-        await middleware.startup()
-        assert middleware.ready
-        try:
-            await body()
-        finally:
-            await middleware.shutdown()
-
-    asyncio.run(main())
 
 
 @contextlib.asynccontextmanager

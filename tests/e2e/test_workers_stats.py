@@ -360,14 +360,7 @@ def test_workers_stop_and_clean_up_when_the_parent_is_killed(start_gateway: Star
     parent = gateway.process.pid
     files = glob.glob(f"/dev/shm/wasmgate-*-{parent}-*")
     assert len(files) == 2, files  # shared data (and queues), plugin metrics
-    pids = [w["pid"] for w in workers(gateway)]
-    os.kill(parent, signal.SIGKILL)
-    gateway.process.wait(10)
-    deadline = time.monotonic() + 30
-    while [pid for pid in pids if _alive(pid)]:
-        assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
-        time.sleep(0.05)
-    assert glob.glob(f"/dev/shm/wasmgate-*-{parent}-*") == []
+    kill_parent_and_wait_for(gateway, [w["pid"] for w in workers(gateway)])
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", gateway.port)) != 0
 
@@ -395,11 +388,17 @@ def test_workers_of_a_parent_killed_while_they_start_clean_up(start_gateway: Sta
     while len(glob.glob(f"/dev/shm/wasmgate-*-{parent}-*")) < 2 or len(_children(parent)) < 2:
         assert time.monotonic() < deadline, gateway.logs()
         time.sleep(0.005)
-    children = _children(parent)
+    kill_parent_and_wait_for(gateway, _children(parent))
+
+
+def kill_parent_and_wait_for(gateway: Gateway, pids: list[int]) -> None:
+    """SIGKILL the gateway's parent process: `pids` (its workers) stop within 30 s and the
+    shared files are gone."""
+    parent = gateway.process.pid
     os.kill(parent, signal.SIGKILL)
     gateway.process.wait(10)
     deadline = time.monotonic() + 30
-    while [pid for pid in children if _alive(pid)]:
-        assert time.monotonic() < deadline, [pid for pid in children if _alive(pid)]
+    while [pid for pid in pids if _alive(pid)]:
+        assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
         time.sleep(0.05)
     assert glob.glob(f"/dev/shm/wasmgate-*-{parent}-*") == []

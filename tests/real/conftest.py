@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ..e2e.conftest import start_gateway, upstream  # noqa: F401  (gateway fixtures)
+from .test_ai_plugins import collector, model  # noqa: F401  (the OpenAI-compatible upstream)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

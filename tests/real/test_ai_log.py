@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -66,14 +66,6 @@ def plugins_downloaded() -> None:
             higress_plugin(name)
     except HigressDownloadError as exc:
         missing(f"the gpustack-higress-plugins wheel could not be downloaded: {exc}")
-
-
-@pytest.fixture
-def model() -> Iterator[ModelServer]:
-    server = ModelServer()
-    yield server
-    server.first_read.set()
-    server.stop()
 
 
 def plugin_doc(name: str, config: dict[str, object], priority: int) -> str:
