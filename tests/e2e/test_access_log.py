@@ -5,8 +5,11 @@ response flags, a bad format refused, and a reload changing the format."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -224,3 +227,83 @@ def test_workers_sharing_a_stdout_pipe_never_mix_long_lines(tmp_path: Path,
         reader.join(30)
     lines = out[0].decode().splitlines()
     assert sorted(lines) == sorted(c * 20000 for c in "abcd" for _ in range(10))
+
+
+def test_log_rotation_reopens_the_file(start_gateway: Start, upstream: str,
+                                       tmp_path: Path) -> None:
+    """logrotate moves the file, then SIGUSR1 (or POST /reopen_logs, as Envoy's admin): lines
+    after it go to a new file at the path; none is lost or written to the moved one."""
+    path = tmp_path / "access.log"
+    gateway = start_gateway(gateway_doc(upstream, extra=(
+        f"  accessLog:\n    path: {path}\n    format: '%REQ(:PATH)%'\n")))
+    assert gateway.get("/one")[0] == 200
+    assert wait_for_lines(path, 1) == ["/one"]
+    path.rename(tmp_path / "access.log.1")
+    assert gateway.get("/two")[0] == 200  # (buffered: it lands in whichever file is open)
+    gateway.process.send_signal(signal.SIGUSR1)
+    gateway.wait_logged("access logs reopened")
+    assert gateway.get("/three")[0] == 200
+    rotated = wait_for_lines(tmp_path / "access.log.1", 1)
+    assert sorted(rotated + wait_for_lines(path, 1)) == ["/one", "/three", "/two"]
+    assert "/three" in wait_for_lines(path, 1) and rotated[0] == "/one"
+
+    (tmp_path / "access.log").rename(tmp_path / "access.log.2")
+    status, _, body = gateway.request("POST", "/reopen_logs", port=gateway.admin)
+    assert (status, json.loads(body)) == (200, {"reopened": [str(path)]})
+    assert gateway.get("/four")[0] == 200
+    assert wait_for_lines(path, 1) == ["/four"]
+    assert gateway.request("GET", "/reopen_logs", port=gateway.admin)[0] == 405
+
+
+def test_workers_reopen_on_the_admin_request(start_gateway: Start, upstream: str,
+                                             tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    gateway = start_gateway(gateway_doc(upstream, extra=(
+        f"  accessLog:\n    path: {path}\n    format: '%REQ(:PATH)%'\n")), "--workers", "2")
+    for i in range(6):  # a connection each: both workers' files get opened
+        assert gateway.get(f"/before{i}", headers={"connection": "close"})[0] == 200
+    wait_for_lines(path, 6)
+    path.rename(tmp_path / "access.log.1")
+    status, _, body = gateway.request("POST", "/reopen_logs", port=gateway.admin)
+    reply = json.loads(body)
+    assert status == 200 and reply["reopened"] == [str(path)]
+    assert [(w["worker"], w.get("reopened")) for w in reply["workers"]] == [
+        (0, [str(path)]), (1, [str(path)])]
+    for i in range(6):
+        assert gateway.get(f"/after{i}", headers={"connection": "close"})[0] == 200
+    assert sorted(wait_for_lines(path, 6)) == sorted(f"/after{i}" for i in range(6))
+    assert sorted(wait_for_lines(tmp_path / "access.log.1", 6)) == sorted(
+        f"/before{i}" for i in range(6))
+
+
+def test_a_path_a_reload_drops_is_closed_after_the_drain(tmp_path: Path, upstream: str) -> None:
+    def open_paths() -> set[str]:
+        found = set()
+        for fd in Path("/proc/self/fd").iterdir():
+            with contextlib.suppress(OSError):
+                found.add(os.readlink(fd))
+        return found
+
+    async def main() -> None:
+        first, second = tmp_path / "first.log", tmp_path / "second.log"
+        config = tmp_path / "gateway.yaml"
+        listen = free_port()
+
+        def write(path: Path) -> None:
+            config.write_text(gateway_doc(upstream, extra=(
+                f"  listen: 127.0.0.1:{listen}\n  admin: 127.0.0.1:0\n"
+                f"  accessLog:\n    path: {path}\n    format: '%REQ(:PATH)%'\n")))
+
+        write(first)
+        app = GatewayApp([config], drain_seconds=0.1, reload_interval=0)
+        await app.start()
+        try:
+            write(second)
+            assert await app.reload()
+            assert str(first) in open_paths()  # requests begun before may still log there
+            await asyncio.sleep(1.5)  # the drain, plus a second
+            assert str(first) not in open_paths() and str(second) in open_paths()
+        finally:
+            await app.stop()
+
+    asyncio.run(main())

@@ -380,6 +380,7 @@ class AccessLogWriter:
         self._backlog_bytes = 0
         self._cond = threading.Condition()
         self._closing = False
+        self._reopen = False  # reopen the file before the next write (log rotation)
         self._thread: threading.Thread | None = None
 
     def write(self, line: str) -> None:
@@ -430,13 +431,46 @@ class AccessLogWriter:
             log.warning("access log %s: %s; dropping lines (counted) until it can", self.path,
                         why)
 
+    @property
+    def owns_file(self) -> bool:
+        """A file this writer opened by path (not stdout or stderr)."""
+        return self._owned
+
+    def reopen(self) -> None:
+        """Open the file again by its path (after logrotate moved it; Envoy's SIGUSR1 and
+        admin /reopen_logs): lines buffered so far go to the new file. stdout/stderr: no-op."""
+        if not self._owned:
+            return
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._reopen_now()
+            else:  # between two batches of the writer thread, which owns the fd
+                self._reopen = True
+                self._cond.notify()
+
+    def _reopen_now(self) -> None:
+        self._reopen = False
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("access log %s: cannot reopen (%s); still writing the old file",
+                        self.path, exc)
+            return
+        old, self._fd = self._fd, fd
+        self._whole = stat.S_ISREG(os.fstat(fd).st_mode)
+        os.close(old)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._backlog and not self._closing:
+                while not self._backlog and not self._closing and not self._reopen:
                     self._cond.wait()
+                if self._reopen:
+                    self._reopen_now()
                 if not self._backlog:
-                    return
+                    if self._closing:
+                        return
+                    continue
                 data, lines = self._backlog.popleft()
             try:
                 if self._stream is not None:

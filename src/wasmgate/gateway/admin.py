@@ -7,6 +7,8 @@ GET /plugins            each plugin's status: loading, ready, failed (with the r
 GET /ready              200 once every plugin finished loading (ready or failed), else 503
 GET|POST /logging       list levels; `?<plugin>=<level>` (or `?all=trace`) sets them live
 GET /stats/worker       this process's own gateway, plugin and fetch numbers as JSON
+POST /reopen_logs       access log files opened again by their paths (after logrotate; also
+                        SIGUSR1)
 
 With `--workers N` every worker has an admin endpoint (worker 0 on the configured address, the
 others on 127.0.0.1 with a free port, which each writes into the workers' table of the shared
@@ -23,10 +25,11 @@ counters, which stay in the sums, and the new process counts from zero. /plugins
 worker's state. /ready answers within READY_TIMEOUT (a kubelet probe times out after 1 s by
 default): 200 once every running worker has started, answered and
 finished loading its plugins (an exited worker is left out), else 503 naming the workers.
-/logging is applied by worker 0 and then by every other worker (the same request to their
-admins); the answer says what each worker did, and which did not answer (not an error: those
-keep their levels). An exited worker is one whose pid is gone, a zombie, or names a process
-started at another time than the one recorded at spawn (a reused pid).
+/logging and /reopen_logs are applied by worker 0 and then by every other worker (the same
+request to their admins); the answer says what each worker did, and which did not answer
+(not an error: those keep their levels). An exited worker is one whose pid is gone, a
+zombie, or names a process started at another time than the one recorded at spawn (a reused
+pid).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wasmgate.admin")
 Reply = tuple[int, bytes, bytes]
 _GATHERED = ("/stats/prometheus", "/plugins", "/ready")
+_EVERYWHERE = ("/logging", "/reopen_logs")  # applied by worker 0, then by every other one
 
 
 @dataclass
@@ -141,8 +145,8 @@ class AdminServer:
         if store is not None and index == 0 and path in _GATHERED:
             timeout = self.READY_TIMEOUT if path == "/ready" else self.WORKER_TIMEOUT
             return self.handle(method, target, await self.gather(store, timeout))
-        if store is not None and index == 0 and path == "/logging":
-            return await self._logging_everywhere(store, method, target)
+        if store is not None and index == 0 and path in _EVERYWHERE:
+            return await self._everywhere(store, method, target)
         return self.handle(method, target)
 
     def handle(self, method: str, target: str, workers: list[WorkerView] | None = None) -> Reply:
@@ -150,7 +154,7 @@ class AdminServer:
         query = parse_qsl(url.query, keep_blank_values=True)
         routes = {"/stats/prometheus": self._prometheus, "/config_dump": self._config_dump,
                   "/plugins": self._plugins, "/ready": self._ready, "/logging": self._logging,
-                  "/stats/worker": self._stats_worker}
+                  "/stats/worker": self._stats_worker, "/reopen_logs": self._reopen_logs}
         handler = routes.get(url.path)
         if handler is None:
             return 404, b"text/plain", b"unknown admin path; try " + ", ".join(routes).encode()
@@ -222,13 +226,13 @@ class AdminServer:
         return snapshot
 
     async def _ask(self, index: int, pid: int, port: int, start: int, target: str,
-                   timeout: float) -> tuple[int, bytes] | None:
-        """(status, body) of GET `target` on worker `index`'s admin; None if it is not
+                   timeout: float, method: str = "GET") -> tuple[int, bytes] | None:
+        """(status, body) of `method` `target` on worker `index`'s admin; None if it is not
         running, not listening yet, or did not answer within `timeout` seconds."""
         if not port or (pid and not _alive(pid, start)):
             return None
         try:
-            return await asyncio.wait_for(_get("127.0.0.1", port, target), timeout)
+            return await asyncio.wait_for(_get("127.0.0.1", port, target, method), timeout)
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError) as exc:
             log.debug("worker %d (pid %d, admin port %d) did not answer %s: %r", index, pid,
@@ -328,18 +332,23 @@ class AdminServer:
         levels = {m.slot.name: m.log_level.name.lower() for m in plugins.managed.values()}
         return _json({"changed": changed, "levels": levels})
 
-    async def _logging_everywhere(self, store: ProcessMetricStore, method: str,
-                                  target: str) -> Reply:
-        """/logging on worker 0 of `--workers N`: here first (a bad level or name stops it
-        here), then the same request to every other worker's admin, concurrently. The answer
-        is this worker's, plus `workers`: what each did (`changed`, `levels`), or its state and
-        `error` when it did not do it."""
+    def _reopen_logs(self, method: str, query: list[tuple[str, str]]) -> Reply:
+        """Envoy's /reopen_logs: access log files opened again by their paths (logrotate)."""
+        if method != "POST":
+            return 405, b"text/plain", b"POST /reopen_logs\n"
+        return _json({"reopened": self.app.reopen_logs()})
+
+    async def _everywhere(self, store: ProcessMetricStore, method: str, target: str) -> Reply:
+        """/logging or /reopen_logs on worker 0 of `--workers N`: here first (a bad level or
+        name stops it here), then the same request to every other worker's admin,
+        concurrently. The answer is this worker's, plus `workers`: what each did (`changed`
+        and `levels`, or `reopened`), or its state and `error` when it did not do it."""
         status, content_type, body = self.handle(method, target)
         if status != 200:
             return status, content_type, body
         mine = json.loads(body)
         others = self._others(store)
-        replies = await asyncio.gather(*(self._ask(*w, target, self.WORKER_TIMEOUT)
+        replies = await asyncio.gather(*(self._ask(*w, target, self.WORKER_TIMEOUT, method)
                                          for w in others))
         report: list[dict[str, Any]] = [{"worker": getattr(self.app, "worker", 0),
                                          "pid": os.getpid(), "state": "up", **mine}]
@@ -357,8 +366,9 @@ class AdminServer:
                     entry.update(json.loads(reply[1]))
                 except ValueError as exc:
                     entry["error"] = f"unreadable answer: {exc}"
-            if "error" in entry and entry["state"] != "exited" and urlsplit(target).query:
-                log.warning("/logging: worker %d did not apply %s: %s", index, target,
+            if "error" in entry and entry["state"] != "exited" and (
+                    urlsplit(target).query or method == "POST"):
+                log.warning("%s: worker %d did not apply it: %s", target, index,
                             entry["error"])
             report.append(entry)
         report.sort(key=lambda e: int(e["worker"]))
@@ -369,11 +379,11 @@ def _json(value: object) -> Reply:
     return 200, b"application/json", json.dumps(value, indent=2, default=str).encode() + b"\n"
 
 
-async def _get(host: str, port: int, target: str) -> tuple[int, bytes]:
-    """GET `target` from another worker's admin endpoint (ours: content-length framed)."""
+async def _get(host: str, port: int, target: str, method: str = "GET") -> tuple[int, bytes]:
+    """`method` `target` on another worker's admin endpoint (ours: content-length framed)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(f"GET {target} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+        writer.write(f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = head[0].split()[1:2]
         if not status or not status[0].isdigit():

@@ -239,8 +239,12 @@ class GatewayApp:
         self.gateway = gateway
         self._swap(router, chosen, access_log)
         self.stats.reloads += 1
-        asyncio.get_running_loop().call_later(self.drain_seconds + 1, _close_plugins, retired,
-                                              self.plugins.host)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.drain_seconds + 1, _close_plugins, retired, self.plugins.host)
+        in_use = {gateway.spec.access_log.path} if gateway.spec.access_log else set()
+        for path in [p for p in self._access_writers if p not in in_use]:
+            # a path the configuration dropped: closed once the requests still using it end
+            loop.call_later(self.drain_seconds + 1, self._access_writers.pop(path).close)
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True
@@ -289,8 +293,19 @@ class GatewayApp:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)  # (Envoy's, for logrotate)
         await self._stopping.wait()
         await self.stop()
+
+    def reopen_logs(self) -> list[str]:
+        """Reopen every access log file by its path (log rotation); the paths reopened."""
+        reopened = []
+        for path, writer in self._access_writers.items():
+            writer.reopen()
+            if writer.owns_file:
+                reopened.append(path)
+        log.info("access logs reopened: %s", ", ".join(reopened) or "none (stdout/stderr)")
+        return reopened
 
     def request_stop(self) -> None:
         self._stopping.set()

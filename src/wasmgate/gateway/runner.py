@@ -83,6 +83,7 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
     # Until the event loop handles SIGTERM (a drain), it ends the worker through the
     # `finally` below, so an orphan removes the shared files even while starting.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # (a log rotation while starting: no-op)
     try:
         _die_with_parent(parent)
         level = str(options.pop("log_level"))
@@ -118,6 +119,7 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
                 access_log_format: str | None = None, cache_dir: Path | None = None,
                 ca_file: str | None = None) -> int:
     setup_logging(log_level)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the gateway reopens logs on it
     plugin_level = "warn" if log_level == "warning" else log_level
     if workers <= 1:
         _event_loop_policy()
@@ -193,10 +195,11 @@ class _Supervisor:
         # lines; access_log.py); read until EOF, also after their worker exited.
         self.relays: list[multiprocessing.connection.Connection] = []
         self.relay_writers: dict[str, AccessLogWriter] = {}
+        self._reopen_logs = False  # SIGUSR1 came: reopen the relayed logs' files too
 
     def run(self) -> int:
         log = logging.getLogger("wasmgate")
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._forward)
         try:
             for index in range(len(self.processes)):
@@ -215,6 +218,10 @@ class _Supervisor:
                     [*sentinels, self._wake_r, *self.relays], timeout)
                 if self._wake_r in ready:
                     os.read(self._wake_r, 512)
+                if self._reopen_logs:
+                    self._reopen_logs = False
+                    for relay_writer in self.relay_writers.values():
+                        relay_writer.reopen()
                 for item in ready:
                     if item in sentinels:
                         self._exited(sentinels[item], log)  # type: ignore[index]
@@ -298,8 +305,9 @@ class _Supervisor:
                     os.kill(process.pid, signum)
 
     def _forward(self, signum: int, _frame: object) -> None:
-        if signum == signal.SIGHUP:
+        if signum in (signal.SIGHUP, signal.SIGUSR1):  # reload / reopen logs: every worker
             self._kill_all(signum)
+            self._reopen_logs |= signum == signal.SIGUSR1
         else:
             self._stop(signum)
         with contextlib.suppress(OSError):
