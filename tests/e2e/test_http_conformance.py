@@ -9,19 +9,22 @@ two requests" is exactly what a strict server would see.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httptools
 import pytest
 
+from wasmgate.gateway.app import GatewayApp
 from wasmgate.gateway.http1 import Framing
 
-from .conftest import Gateway
+from .conftest import Gateway, free_port
 from .test_gateway import conformance, gateway_doc
 
 Start = Callable[..., Gateway]
@@ -301,6 +304,71 @@ def test_malformed_response_head_from_a_plugin_becomes_a_502(
     assert response.header(b"connection") == b"close"
     assert client.rest() == b""  # nothing after it: no second, smuggled response
     client.close()
+
+
+def test_a_local_reply_with_an_lf_inside_a_header_name_becomes_a_502(
+        start_gateway: Start, upstream: str) -> None:
+    """A local reply's headers are checked by the runtime's cheap test (no map was written):
+    an LF inside a name must be caught by it too (a review found it was not)."""
+    gateway = gateway_for(start_gateway, upstream, plugin(
+        "request_headers send_local_response 200 null s:ok m:x-a%0aset-cookie=evil -1"))
+    client = Client(gateway.port).send(b"GET /x HTTP/1.1\r\nhost: h\r\n\r\n")
+    response = client.response()
+    assert response.status == 502 and response.header(b"set-cookie") is None
+    assert client.rest() == b""
+    client.close()
+
+
+def test_a_slow_upstream_holding_back_the_body_is_not_a_stalled_client(
+        tmp_path: Path) -> None:
+    """The gateway stops reading a client whose body the upstream reads slowly: that pause is
+    the gateway's, and the request timeout must not take the client for stalled."""
+    body = 32 << 20
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def slow_upstream() -> None:
+        conn, _ = listener.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        time.sleep(2)  # not reading: the gateway's buffer fills and it pauses the client
+        got = len(data.split(b"\r\n\r\n", 1)[1])
+        while got < body and (chunk := conn.recv(1 << 20)):
+            got += len(chunk)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        conn.close()
+
+    def client(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /up HTTP/1.1\r\nhost: h\r\ncontent-length: %d\r\n\r\n" % body)
+            sock.sendall(b"x" * body)
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            return data
+
+    threading.Thread(target=slow_upstream, daemon=True).start()
+    listen = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_doc(
+        f"127.0.0.1:{listener.getsockname()[1]}",
+        extra=f"  listen: 127.0.0.1:{listen}\n  admin: 127.0.0.1:0\n"
+              "  requestHeadersTimeoutMs: 500\n"))
+
+    async def main() -> bytes:
+        app = GatewayApp([config], drain_seconds=0.2, reload_interval=0)
+        await app.start()
+        try:
+            return await asyncio.to_thread(client, listen)
+        finally:
+            await app.stop()
+
+    try:
+        assert asyncio.run(main()).startswith(b"HTTP/1.1 200")
+    finally:
+        listener.close()
 
 
 def test_http_call_with_a_malformed_head_gets_envoys_503(

@@ -18,6 +18,8 @@ from wasmgate.runtime.serde import fields_suspect
     ([(b"x-a", b"v\n")], True),
     ([(b"x-a", b"v\0")], True),
     ([(b"x a", b"v")], True),
+    ([(b"x-a\nset-cookie", b"evil")], True),  # an LF inside a name (a review found it)
+    ([(b"a\n:b", b"v")], True),
     ([(b"x:a", b"v")], True),  # a colon inside a name would move the name/value split
     ([(b"::path", b"/")], True),
     ([(b"", b"v")], True),

@@ -281,10 +281,18 @@ class DownstreamProtocol(asyncio.Protocol):
                 if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
                     self._error(431, b"request header fields too large\n")
 
+    held = False  # reading paused because the upstream is slower than the client
+
+    def refresh(self) -> None:
+        """Activity now: the timeouts count from here."""
+        self._since = _SWEEPER.now
+
     def check_timeouts(self, now: float) -> None:
         """The sweep: a head begun longer ago than the request headers timeout gets 408;
         idleness longer than the idle timeout, a close."""
         if self.closing or self._discard:
+            return
+        if self.held:  # the gateway itself stopped reading (a slow upstream): not the client
             return
         state = self._state_getter()
         if self._in_head or self._current is not None:  # a request head or body arriving
@@ -847,11 +855,15 @@ class Exchange:
 
     def upstream_paused(self, paused: bool) -> None:
         """The upstream reads the request body slower than the client sends it."""
-        transport = self.connection.transport
+        connection = self.connection
+        transport = connection.transport
         if transport is not None and not transport.is_closing():
+            # while the gateway holds the body back, the client is not stalling: no 408
+            connection.held = paused
             if paused:
                 transport.pause_reading()
             else:
+                connection.refresh()
                 transport.resume_reading()
 
     # -- upstream response (ResponseSink) ----------------------------------------------------

@@ -82,8 +82,9 @@ def fields_suspect(pairs: list[tuple[bytes, bytes]]) -> bool:
     if _CR_LF_NUL.search(b"".join([pair[1] for pair in pairs])):
         return True
     names = b"\n" + b"\n".join([pair[0] for pair in pairs]) + b"\n"
-    if b"\n\n" in names or names.translate(None, _TCHAR_LF_COLON):
-        return True  # an empty name, or a byte no name may hold
+    if b"\n\n" in names or names.translate(None, _TCHAR_LF_COLON) or \
+            names.count(b"\n") != len(pairs) + 1:
+        return True  # an empty name, a byte no name may hold, an LF inside a name
     colons = names.count(b":")
     if colons == 0:
         return False
