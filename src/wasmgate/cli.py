@@ -250,6 +250,9 @@ def validate(configs: tuple[Path, ...], as_json: bool) -> None:
     ours = (None, "WasmPlugin", "Gateway")
     errors = [str(e) for e in result.errors if e.kind in ours]
     skipped = [str(e) for e in result.errors if e.kind not in ours]
+    if skipped and not (result.plugins or result.gateways):  # (run refuses that too)
+        errors, skipped = errors + skipped, []
+        errors.append("no WasmPlugin or Gateway document in the configuration")
     gateway = result.gateway or Gateway(metadata=GatewayMeta(name="default"))
     chain = select_for_gateway(result.plugins, gateway)
     spec = gateway.spec

@@ -402,3 +402,22 @@ def kill_parent_and_wait_for(gateway: Gateway, pids: list[int]) -> None:
         assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
         time.sleep(0.05)
     assert glob.glob(f"/dev/shm/wasmgate-*-{parent}-*") == []
+
+
+def test_log_rotation_during_a_respawn_does_not_kill_the_new_worker(start_gateway: Start,
+                                                                   upstream: str) -> None:
+    """SIGUSR1 (logrotate) or SIGHUP reaches only listening workers: one still starting has
+    no handler yet, and would die of it (a review found it did)."""
+    gateway = start(start_gateway, upstream)
+    os.kill(workers(gateway)[1]["pid"], signal.SIGKILL)  # respawned after 0.5 s
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # logrotate's postrotate, meanwhile
+        gateway.process.send_signal(signal.SIGUSR1)
+        time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while not ((w := workers(gateway)[1])["state"] == "up" and w["plugins"]
+               and w["plugins"][0]["status"] == "ready"):
+        assert time.monotonic() < deadline, w
+        time.sleep(0.05)
+    assert "killed by signal SIGUSR1" not in gateway.logs()
+    assert gateway.process.poll() is None

@@ -7,9 +7,11 @@ import base64
 import dataclasses
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,13 @@ from wasmgate.api.access_log import (
     parse_format,
     parse_json_format,
 )
-from wasmgate.gateway.access_log import AccessLogFormat, AccessLogWriter, AccessRecord
+from wasmgate.gateway.access_log import (
+    MAX_RELAYED_BATCH,
+    AccessLogFormat,
+    AccessLogWriter,
+    AccessRecord,
+    Relay,
+)
 
 RECORD = AccessRecord(
     start_time=1795521600.25,  # 2026-11-24T12:00:00.250Z
@@ -235,3 +243,44 @@ def test_closed_stdout_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(sys, "stdout", None)  # what Python has when fd 1 was closed
     with pytest.raises(OSError, match="/dev/stdout is closed"):
         AccessLogWriter("/dev/stdout")
+
+
+def test_two_writers_sharing_a_relay_send_whole_batches() -> None:
+    """A worker's writers share its relay to the parent (two while a reload moves the log
+    between pipes): each batch arrives whole, never interleaved with another (a review saw
+    mixed bytes and a corrupt length before the relay had its lock)."""
+    reader, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    pipes = [os.pipe() for _ in range(2)]  # two non-regular paths (nothing is written there)
+    relay = Relay(sender)
+    writers = [AccessLogWriter(f"/dev/fd/{w}", relay) for _, w in pipes]
+    paths = [f"/dev/fd/{w}".encode() for _, w in pipes]
+    lines = [b"a" * 5000, b"b" * 5000]
+    batches = 100
+    received: list[bytes] = []
+
+    def consume() -> None:
+        while len(received) < 2 * batches and reader.poll(10):
+            received.append(reader.recv_bytes(MAX_RELAYED_BATCH))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+
+    def produce(i: int) -> None:
+        for _ in range(batches):  # 40 KB a batch: more than one pipe write each
+            writers[i].write_batch((lines[i] + b"\n") * 8, 8)
+
+    producers = [threading.Thread(target=produce, args=(i,)) for i in range(2)]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join()
+    consumer.join(30)
+    for writer in writers:
+        writer.close()
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    assert len(received) == 2 * batches
+    for message in received:
+        path, _, data = message.partition(b"\0")
+        assert data == (lines[paths.index(path)] + b"\n") * 8

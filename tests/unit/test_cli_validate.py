@@ -60,3 +60,10 @@ def test_errors_exit_2_naming_file_document_and_field(tmp_path: Path) -> None:
     assert code == 2
     assert "document 1 (Gateway edge): spec.accessLog.format: %NOPE%" in out
     assert "document 3 (WasmPlugin default/bad): spec.phase" in out
+
+
+def test_a_configuration_with_nothing_of_ours_is_refused_as_run_refuses_it(
+        tmp_path: Path) -> None:
+    code, out = validate(tmp_path, "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n")
+    assert code == 2
+    assert "no WasmPlugin or Gateway document in the configuration" in out

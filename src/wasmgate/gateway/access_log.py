@@ -358,7 +358,7 @@ class AccessLogWriter:
     FLUSH_BYTES = 64 << 10  # (Envoy's file access log buffer)
     MAX_BACKLOG_BYTES = 16 << 20
 
-    def __init__(self, path: str, relay: Connection | None = None) -> None:
+    def __init__(self, path: str, relay: Relay | None = None) -> None:
         self.path = path
         self._stream: IO[str] | None = None
         if path in ("/dev/stdout", "-", "/dev/stderr"):
@@ -468,7 +468,8 @@ class AccessLogWriter:
                 if self._reopen:
                     self._reopen_now()
                 if not self._backlog:
-                    if self._closing:
+                    if self._closing:  # all written: the thread owned the fd, it closes it
+                        self._close_fd()
                         return
                     continue
                 data, lines = self._backlog.popleft()
@@ -483,7 +484,7 @@ class AccessLogWriter:
 
     def _write_batch(self, data: bytes) -> None:
         if self._relay is not None:  # the parent writes it (see the class docstring)
-            self._relay.send_bytes(self.path.encode() + b"\0" + data)
+            self._relay.send(self.path, data)
             return
         if self._whole:  # a regular file opened O_APPEND: one write is not interleaved
             self._write_all(data)
@@ -503,20 +504,48 @@ class AccessLogWriter:
             view = view[os.write(self._fd, view):]
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is buffered (waiting up to `timeout` s for the output), then stop."""
+        """Write what is buffered, then stop: the writer thread ends (and closes the file)
+        once its backlog is written. Waits up to `timeout` s for that (0: do not wait, as
+        after a reload, on the event loop; shutdown waits)."""
         self.flush()
         with self._cond:
             self._closing = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+            thread = self._thread
+            if thread is None:  # nothing was ever handed over: no thread owns the fd
+                self._close_fd()
+                return
+        if timeout > 0:
+            thread.join(timeout)
+            if thread.is_alive():
                 log.warning("access log %s: output blocked; %d bytes not written", self.path,
                             self._backlog_bytes)
-                return  # (the thread still owns the fd)
+
+    def _close_fd(self) -> None:
         if self._owned:
-            os.close(self._fd)
             self._owned = False
+            os.close(self._fd)
+
+
+MAX_RELAYED_BATCH = 64 << 20
+"""A relayed message is one batch; the parent refuses longer ones (a corrupt length)."""
+
+
+class Relay:
+    """A worker's pipe to the `--workers` parent, shared by its writers (a writer per path,
+    two while a reload moves the log): one message at a time, whole."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def send(self, path: str, data: bytes) -> None:
+        message = path.encode() + b"\0" + data
+        if len(message) > MAX_RELAYED_BATCH:
+            raise ValueError(f"a batch of {len(message)} bytes (the parent takes up to "
+                             f"{MAX_RELAYED_BATCH})")
+        with self._lock:
+            self._connection.send_bytes(message)
 
 
 def relay_batch(writers: dict[str, AccessLogWriter], message: bytes) -> None:

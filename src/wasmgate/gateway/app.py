@@ -25,7 +25,7 @@ from ..runtime.metrics import MetricStore
 from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import Limits
-from .access_log import AccessLog, AccessLogFormat, AccessLogWriter
+from .access_log import AccessLog, AccessLogFormat, AccessLogWriter, Relay
 from .admin import AdminServer
 from .host import GatewayHost
 from .plugins import ManagedSlot, PluginManager
@@ -69,7 +69,8 @@ class GatewayApp:
         self.access_log_override = True if access_log_format else access_log
         self.access_log_format = access_log_format
         self._access_writers: dict[str, AccessLogWriter] = {}  # by path, kept across reloads
-        self.access_relay = access_relay  # --workers: the parent writes stdout's lines
+        # --workers: the parent writes the lines for stdout (a pipe): access_log.Relay
+        self.access_relay = Relay(access_relay) if access_relay is not None else None
         self.drain_seconds = drain_seconds
         self.cache_dir = cache_dir
         self.plugin_log_level = LogLevel.parse(plugin_log_level)
@@ -244,7 +245,8 @@ class GatewayApp:
         in_use = {gateway.spec.access_log.path} if gateway.spec.access_log else set()
         for path in [p for p in self._access_writers if p not in in_use]:
             # a path the configuration dropped: closed once the requests still using it end
-            loop.call_later(self.drain_seconds + 1, self._access_writers.pop(path).close)
+            writer = self._access_writers.pop(path)
+            loop.call_later(self.drain_seconds + 1, writer.close, 0)  # (no wait on the loop)
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from .access_log import AccessLogWriter, relay_batch
+from .access_log import MAX_RELAYED_BATCH, AccessLogWriter, relay_batch
 from .app import ConfigInvalid, GatewayApp, load_config
 from .shared_metrics import ProcessMetricStore
 from .shared_queues import ProcessSharedQueues
@@ -195,7 +195,7 @@ class _Supervisor:
         # lines; access_log.py); read until EOF, also after their worker exited.
         self.relays: list[multiprocessing.connection.Connection] = []
         self.relay_writers: dict[str, AccessLogWriter] = {}
-        self._reopen_logs = False  # SIGUSR1 came: reopen the relayed logs' files too
+        self._to_forward: set[int] = set()  # SIGHUP / SIGUSR1 for the listening workers
 
     def run(self) -> int:
         log = logging.getLogger("wasmgate")
@@ -218,10 +218,12 @@ class _Supervisor:
                     [*sentinels, self._wake_r, *self.relays], timeout)
                 if self._wake_r in ready:
                     os.read(self._wake_r, 512)
-                if self._reopen_logs:
-                    self._reopen_logs = False
-                    for relay_writer in self.relay_writers.values():
-                        relay_writer.reopen()
+                while self._to_forward:
+                    signum = self._to_forward.pop()
+                    self._kill_all(signum, listening_only=True)
+                    if signum == signal.SIGUSR1:  # the logs this process writes too
+                        for relay_writer in self.relay_writers.values():
+                            relay_writer.reopen()
                 for item in ready:
                     if item in sentinels:
                         self._exited(sentinels[item], log)  # type: ignore[index]
@@ -242,7 +244,7 @@ class _Supervisor:
 
     def _relay(self, relay: multiprocessing.connection.Connection) -> None:
         try:
-            relay_batch(self.relay_writers, relay.recv_bytes())
+            relay_batch(self.relay_writers, relay.recv_bytes(MAX_RELAYED_BATCH))
         except (EOFError, OSError):  # the worker is gone and its pipe drained
             relay.close()
             self.relays.remove(relay)
@@ -269,8 +271,8 @@ class _Supervisor:
         assert process is not None
         process.join()
         code, pid = process.exitcode, process.pid
+        self.processes[index] = None  # (first: a signal forwarded meanwhile must not see it)
         process.close()
-        self.processes[index] = None
         pid_now, port, _ = self.metrics.worker_entries()[index]
         self.listened[index] |= pid_now == pid and port != 0
         if self.stopping:
@@ -298,16 +300,26 @@ class _Supervisor:
         self.respawn_at.clear()
         self._kill_all(signum)
 
-    def _kill_all(self, signum: int) -> None:
-        for process in self.processes:
-            if process is not None and process.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signum)
+    def _kill_all(self, signum: int, listening_only: bool = False) -> None:
+        """Signal every worker; `listening_only`: those that listen, the others are still
+        starting (a worker that starts loads the configuration and opens its logs anyway,
+        and before its handlers are in place SIGHUP or SIGUSR1 would kill it)."""
+        entries = self.metrics.worker_entries() if listening_only else None
+        for index, process in enumerate(self.processes):
+            try:
+                pid = process.pid if process is not None else None
+            except ValueError:  # closed meanwhile
+                continue
+            if not pid:
+                continue
+            if entries is not None and (entries[index][0] != pid or not entries[index][1]):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def _forward(self, signum: int, _frame: object) -> None:
-        if signum in (signal.SIGHUP, signal.SIGUSR1):  # reload / reopen logs: every worker
-            self._kill_all(signum)
-            self._reopen_logs |= signum == signal.SIGUSR1
+        if signum in (signal.SIGHUP, signal.SIGUSR1):  # reload / reopen logs: every worker,
+            self._to_forward.add(signum)  # from the loop (it reads the workers' table: a lock)
         else:
             self._stop(signum)
         with contextlib.suppress(OSError):
