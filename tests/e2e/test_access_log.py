@@ -52,6 +52,8 @@ def test_default_line_is_istios_format(start_gateway: Start, upstream: str) -> N
                                    headers={"user-agent": "ua/1", "x-request-id": "rid-7"})
     assert status == 200
     [line] = access_lines(gateway, 1)
+    status, text = gateway.admin_get("/stats/prometheus")
+    assert b"\nwasmgate_access_log_dropped_lines_total 0\n" in text
     port = upstream.split(":")[1]
     assert re.fullmatch(
         r'\[[^\]]+\] "POST /things\?q=1 HTTP/1\.1" 200 - via_upstream - "-" 5 \d+ \d+ - '

@@ -358,8 +358,11 @@ class AccessLogWriter:
     FLUSH_BYTES = 64 << 10  # (Envoy's file access log buffer)
     MAX_BACKLOG_BYTES = 16 << 20
 
-    def __init__(self, path: str, relay: Relay | None = None) -> None:
+    def __init__(self, path: str, relay: Relay | None = None,
+                 on_drop: Callable[[int], None] | None = None) -> None:
+        """`on_drop(lines)`: told of lines dropped (the gateway counts them in its stats)."""
         self.path = path
+        self._on_drop = on_drop
         self._stream: IO[str] | None = None
         if path in ("/dev/stdout", "-", "/dev/stderr"):
             stream = sys.stderr if path == "/dev/stderr" else sys.stdout
@@ -375,6 +378,7 @@ class AccessLogWriter:
         self._lines: list[str] = []
         self._size = 0
         self.dropped = 0  # lines not written (backlog full, or the write failed)
+        self._warned = False
         self._timer: asyncio.TimerHandle | None = None
         self._backlog: deque[tuple[bytes, int]] = deque()
         self._backlog_bytes = 0
@@ -403,7 +407,8 @@ class AccessLogWriter:
             self._timer = None
         lines, self._lines, self._size = self._lines, [], 0
         if not lines or self._closing:
-            self.dropped += len(lines)
+            if lines:
+                self._count_drop(len(lines))
             return
         lines.append("")
         self.write_batch("\n".join(lines).encode("utf-8", "replace"), len(lines) - 1)
@@ -412,7 +417,7 @@ class AccessLogWriter:
         """Queue `lines` whole encoded lines for the writer thread."""
         with self._cond:
             if self._closing:
-                self.dropped += lines
+                self._count_drop(lines)
                 return
             if self._backlog_bytes + len(data) > self.MAX_BACKLOG_BYTES:
                 self._drop(lines, "the output is not keeping up")
@@ -426,10 +431,16 @@ class AccessLogWriter:
             self._cond.notify()
 
     def _drop(self, lines: int, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("access log %s: %s; dropping lines (wasmgate_access_log_dropped_lines"
+                        "_total) until it can", self.path, why)
+        self._count_drop(lines)
+
+    def _count_drop(self, lines: int) -> None:
         self.dropped += lines
-        if self.dropped == lines:  # the first time
-            log.warning("access log %s: %s; dropping lines (counted) until it can", self.path,
-                        why)
+        if self._on_drop is not None:
+            self._on_drop(lines)
 
     @property
     def owns_file(self) -> bool:

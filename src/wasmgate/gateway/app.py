@@ -207,7 +207,7 @@ class GatewayApp:
         writer = self._access_writers.get(config.path)
         if writer is None:
             try:
-                writer = AccessLogWriter(config.path, self.access_relay)
+                writer = AccessLogWriter(config.path, self.access_relay, self._count_dropped)
             except OSError as exc:
                 raise ConfigInvalid(f"spec.accessLog.path: cannot open {config.path}: "
                                     f"{exc.strerror or exc}") from None
@@ -298,6 +298,9 @@ class GatewayApp:
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)  # (Envoy's, for logrotate)
         await self._stopping.wait()
         await self.stop()
+
+    def _count_dropped(self, lines: int) -> None:
+        self.stats.access_log_dropped += lines  # (also from a writer thread: the GIL's +=)
 
     def reopen_logs(self) -> list[str]:
         """Reopen every access log file by its path (log rotation); the paths reopened."""

@@ -47,6 +47,7 @@ class GatewayStats:
         self.latency_count = 0
         self.reloads = 0
         self.reload_failures = 0
+        self.access_log_dropped = 0  # lines the access log could not write (access_log.py)
 
     def record(self, status: int, seconds: float) -> None:
         self.responses[status] += 1
@@ -64,7 +65,8 @@ class GatewayStats:
                 "upstream_timeouts": self.upstream_timeouts,
                 "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum,
                 "latency_count": self.latency_count, "reloads": self.reloads,
-                "reload_failures": self.reload_failures}
+                "reload_failures": self.reload_failures,
+                "access_log_dropped": self.access_log_dropped}
 
     @classmethod
     def combined(cls, snapshots: Iterable[dict[str, Any]]) -> GatewayStats:
@@ -81,6 +83,7 @@ class GatewayStats:
             total.latency_count += snap["latency_count"]
             total.reloads = max(total.reloads, snap["reloads"])
             total.reload_failures = max(total.reload_failures, snap["reload_failures"])
+            total.access_log_dropped += snap.get("access_log_dropped", 0)
         return total
 
 
@@ -210,6 +213,8 @@ def render_gateway(stats: GatewayStats, plugins: list[dict[str, object]]) -> lis
               "# TYPE wasmgate_config_reloads_total counter",
               f'wasmgate_config_reloads_total{{result="success"}} {stats.reloads}',
               f'wasmgate_config_reloads_total{{result="failure"}} {stats.reload_failures}',
+              "# TYPE wasmgate_access_log_dropped_lines_total counter",
+              f"wasmgate_access_log_dropped_lines_total {stats.access_log_dropped}",
               "# TYPE wasmgate_request_duration_seconds histogram"]
     running = 0
     for bound, count in zip(LATENCY_BUCKETS, stats.latency_counts, strict=True):
