@@ -75,6 +75,14 @@ def no_respawn(gateway: Gateway) -> Iterator[None]:
         os.kill(gateway.process.pid, signal.SIGCONT)
 
 
+def wait_exited(gateway: Gateway, index: int) -> None:
+    """Until the admin reports worker `index` exited (within 30 s)."""
+    deadline = time.monotonic() + 30
+    while workers(gateway)[index]["state"] != "exited":
+        assert time.monotonic() < deadline, workers(gateway)
+        time.sleep(0.05)
+
+
 def send(gateway: Gateway, count: int) -> None:
     for i in range(count):
         assert gateway.get(f"/r{i}")[0] == 200
@@ -134,10 +142,7 @@ def test_a_stopped_or_dead_worker_does_not_break_the_scrape(start_gateway: Start
         os.kill(pid, signal.SIGCONT)
     with no_respawn(gateway):
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while workers(gateway)[1]["state"] != "exited":
-            assert time.monotonic() < deadline, workers(gateway)
-            time.sleep(0.05)
+        wait_exited(gateway, 1)
         assert gateway.admin_get("/ready") == (200, b"LIVE\n")  # an exited worker is left out
         send(gateway, 5)  # all served by worker 0 now
         text = scrape(gateway)
@@ -205,10 +210,7 @@ def test_an_exited_workers_gauges_leave_the_sums(start_gateway: Start, upstream:
     pid = workers(gateway)[1]["pid"]
     with no_respawn(gateway):
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while workers(gateway)[1]["state"] != "exited":
-            assert time.monotonic() < deadline, workers(gateway)
-            time.sleep(0.05)
+        wait_exited(gateway, 1)
         text = scrape(gateway)
         own = gateway.admin_json("/stats/worker")["plugins"][0]["memory_bytes"]
     assert own > 0 and value(text, memory) == own  # worker 0's VM only

@@ -75,7 +75,7 @@ def head_is_clean(head: bytes, lines: int) -> bool:
     return len(head) - len(head.translate(None, CRLFNUL)) == 2 * lines
 
 
-CRLFNUL = b"\r\n\0"  # (hot paths inline `head_is_clean` with it)
+CRLFNUL = b"\r\n\0"
 
 
 def _escaped(name: bytes) -> str:
@@ -183,7 +183,7 @@ def response_head(status: int, headers: Pairs, version: bytes = b"1.1",
     lines += [k + b": " + v for k, v in headers]
     lines.append(b"\r\n")
     head = b"\r\n".join(lines)
-    if check and len(head) - len(head.translate(None, CRLFNUL)) != 2 * len(lines):  # (clean?)
+    if check and not head_is_clean(head, len(lines)):
         raise InvalidHead(head_problem(headers) or "invalid response head")
     return head
 

@@ -66,7 +66,6 @@ def normalize_headers(headers: object) -> Pairs:
 
 # RFC 9110 5.6.2 tchar: what `bytes.translate(None, _TCHAR)` deletes from a valid token
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_VISIBLE = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
 _TCHAR_LF_COLON = _TCHAR + b"\n:"
 _CR_LF_NUL = re.compile(rb"[\r\n\0]")
 _SPACE_OR_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
