@@ -147,3 +147,58 @@ def test_emulator_restart_cancels_pending_calls() -> None:
     emulator.tick()
     assert [c.token for c in emulator.pending_http_calls()] == [4]  # the fresh VM's own
     emulator.close()
+
+
+def test_streams_are_counted_and_the_last_one_reports_idle() -> None:
+    """What the gateway waits for before closing a plugin a reload replaced."""
+    module = PluginModule(CONFORMANCE.read_bytes(), source=str(CONFORMANCE))
+    plugin = Plugin(module, PluginConfig(), Host())
+    plugin.start()
+    idle: list[int] = []
+    first, second = plugin.new_http_context(), plugin.new_http_context()
+    plugin.on_idle = lambda p: idle.append(p.active_streams)
+    assert plugin.active_streams == 2
+    first.request_headers({"a": "1"}, end_of_stream=True)
+    first.complete()
+    first.complete()  # idempotent: counted once
+    assert (plugin.active_streams, idle) == (1, [])
+    second.complete()
+    assert (plugin.active_streams, idle) == (0, [0])
+    plugin.close()
+
+
+def test_closing_frees_the_store_and_nothing_calls_in_afterwards() -> None:
+    module = PluginModule(CONFORMANCE.read_bytes(), source=str(CONFORMANCE))
+    plugin = Plugin(module, PluginConfig(), Host())
+    plugin.start()
+    vm = plugin.vm
+    assert vm is not None and vm.memory_bytes() > 0
+    stream = plugin.new_http_context()
+    plugin.close()
+    assert vm.closed and vm.memory_bytes() == 0
+    with pytest.raises(ValueError, match="closed"):
+        vm.store.ptr()  # the wasmtime Store (and its linear memory) is freed
+    assert vm.call("proxy_on_request_headers", stream.id, 0, 1) is None
+    stream.complete()  # a stream the closed plugin still held ends quietly
+    assert plugin.active_streams == 0
+
+
+def test_a_close_asked_inside_a_guest_call_waits_for_it_to_return() -> None:
+    """A host function that ends up closing its own VM (an embedder's callback) must not free
+    the Store under the running guest code."""
+    class Closing(Host):
+        def log(self, plugin: Plugin, level: object, message: str) -> None:
+            if message == "closing" and plugin.vm is not None:
+                vm = plugin.vm
+                vm.close()
+                seen.append(vm.closed)  # not yet: the guest is still running
+
+    seen: list[bool] = []
+    module = PluginModule(CONFORMANCE.read_bytes(), source=str(CONFORMANCE))
+    plugin = Plugin(module, PluginConfig(configuration=b"request_headers log 2 s:closing"),
+                    Closing())
+    plugin.start()
+    vm = plugin.vm
+    assert vm is not None
+    plugin.new_http_context().request_headers({"a": "1"}, end_of_stream=True)
+    assert seen == [False] and vm.closed

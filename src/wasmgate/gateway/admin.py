@@ -276,6 +276,7 @@ class AdminServer:
                  workers: list[WorkerView] | None) -> Reply:
         """This worker's plugins; with `--workers`, also each worker's state and plugins."""
         out: dict[str, Any] = {"plugins": self.app.plugin_statuses(),
+                               "draining": self.app.draining_statuses(),
                                "config_errors": self.app.config_errors}
         if workers is not None:
             keys = ("name", "status", "error", "crashes", "reloads", "streams", "memory_bytes")

@@ -90,6 +90,7 @@ class GatewayApp:
         self._generation = 0
         self._invalid_plugins: set[str] = set()  # namespace/name of WasmPlugins that failed
         self._stopping = asyncio.Event()
+        self.draining: dict[int, Plugin] = {}  # retired plugins whose streams still run
         self.plugins: PluginManager = None  # type: ignore[assignment]
 
     # -- configuration -----------------------------------------------------------------------
@@ -241,7 +242,8 @@ class GatewayApp:
         self._swap(router, chosen, access_log)
         self.stats.reloads += 1
         loop = asyncio.get_running_loop()
-        loop.call_later(self.drain_seconds + 1, _close_plugins, retired, self.plugins.host)
+        for plugin in retired:
+            self._retire(plugin)
         in_use = {gateway.spec.access_log.path} if gateway.spec.access_log else set()
         for path in [p for p in self._access_writers if p not in in_use]:
             # a path the configuration dropped: closed once the requests still using it end
@@ -250,6 +252,24 @@ class GatewayApp:
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True
+
+    def _retire(self, plugin: Plugin) -> None:
+        """A plugin the configuration replaced or dropped: closed (its VM freed) once the
+        last stream using it completes, however long that stream runs (an SSE answer may
+        take minutes), as Envoy keeps a replaced VM while a stream holds it."""
+        self.draining[id(plugin)] = plugin
+        if plugin.active_streams == 0:
+            self._close_retired(plugin)
+            return
+        loop = asyncio.get_running_loop()
+        plugin.on_idle = lambda p: loop.call_soon(self._close_retired, p)
+        log.debug("plugin %s retired: closed when its %d stream(s) end", plugin.describe(),
+                  plugin.active_streams)
+
+    def _close_retired(self, plugin: Plugin) -> None:
+        if self.draining.pop(id(plugin), None) is not None:
+            plugin.on_idle = None
+            _close_plugins([plugin], self.plugins.host)
 
     def _still_running(self, resources: list[object]) -> list[object]:
         """Running plugins whose document is now invalid keep running in their last valid
@@ -345,7 +365,9 @@ class GatewayApp:
                 await self.plugins.host._grpc.aclose()
         if self.plugins is not None:
             _close_plugins([m.slot.plugin for m in self.plugins.managed.values()
-                            if m.slot.plugin is not None], self.plugins.host)
+                            if m.slot.plugin is not None] + list(self.draining.values()),
+                           self.plugins.host)
+            self.draining.clear()
             self.plugins.shutdown()
         if getattr(self, "_redis_shared", None) is not None:
             self._redis_shared.close()
@@ -369,6 +391,11 @@ class GatewayApp:
                          "reload_error": self.plugins.errors.get(managed.slot.name)})
             out.append(info)
         return out
+
+    def draining_statuses(self) -> list[dict[str, object]]:
+        """Plugins a reload replaced whose streams are still running (their VMs live on)."""
+        return [{"name": p.name, "streams": p.active_streams, "memory_bytes": p.memory_bytes()}
+                for p in self.draining.values()]
 
     def config_dump(self) -> dict[str, object]:
         gateway = self.gateway

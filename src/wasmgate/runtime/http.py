@@ -95,6 +95,7 @@ class HttpContext:
             state.filter_state = filter_state
         vm.contexts[context_id] = state
         state.handle = self
+        plugin.active_streams += 1
         self._created = False
         self._request = _Direction("request", state.request_headers, state.request_body,
                                    state.request_trailers)
@@ -355,6 +356,10 @@ class HttpContext:
             s.deleted = True
             s.handle = None  # no reference cycle left: the stream is freed at once, not by gc
             vm.contexts.pop(context_id, None)
+            plugin = self.plugin
+            plugin.active_streams -= 1
+            if plugin.active_streams == 0 and plugin.on_idle is not None:
+                plugin.on_idle(plugin)
 
     def __repr__(self) -> str:
         return f"<HttpContext {self.id} {self.state.phase.value}>"

@@ -9,6 +9,7 @@ A trap marks the plugin failed; `restart()` builds a fresh VM from the same comp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -64,6 +65,11 @@ class Plugin:
         self.properties: dict[str, object] = dict(self.config.properties)
         self.filter_state: dict[bytes, bytes] = {}  # root-level set_property values
         self.redis_clusters: dict[str, object] = {}
+        # Streams begun and not yet completed. An embedder that retires the plugin (a reload)
+        # sets `on_idle`, called when the last of them completes: only then may the VM go,
+        # as Envoy keeps a replaced VM for as long as a stream holds it.
+        self.active_streams = 0
+        self.on_idle: Callable[[Plugin], None] | None = None
 
     # -- identity ----------------------------------------------------------------------------
     @property

@@ -354,14 +354,32 @@ class WasmVM:
         self.plugin.on_vm_failed(info)
 
     def memory_bytes(self) -> int:
+        if self.closed:
+            return 0
         try:
             return self.memory.size()
         except StatusError:
             return 0
 
+    closed = False
+
     def close(self) -> None:
+        """Free the Store now: its linear memory (megabytes for a Go plugin) and instance.
+        Left to the cyclic gc (the VM, its host functions and its plugin refer to each
+        other), every reload would keep the old VM's memory until a full collection. No
+        guest call can follow: the exports are gone, so `call` finds nothing to call."""
+        if self.closed:
+            return
+        if self._depth:  # asked from inside one of its own calls: once that call returns
+            self._after_call.append(self.close)
+            return
+        self.closed = True
         self.exports = {}
         self.contexts.clear()
+        self._host_functions = []
+        self._after_call.clear()
+        self.store.close()
+        self.linker.close()
 
 
 _I = "i32"

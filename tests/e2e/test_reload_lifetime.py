@@ -1,0 +1,151 @@
+"""What a reload does to the plugin it replaces: the old VM serves the streams it began to
+their end, however long they run (Envoy keeps a replaced VM while a stream holds it), and is
+freed as soon as the last one completes, not left to the cyclic gc (bench/reload_churn.py
+measures the memory: flat over hundreds of reloads)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from wasmgate.gateway.app import GatewayApp
+
+from .conftest import free_port
+from .test_gateway import conformance, gateway_doc
+
+DRAIN = 0.2  # the old fixed delay closed a replaced VM after drain + 1 s, streams or not
+
+
+def config(upstream: str, listen: int, generation: str) -> str:
+    return gateway_doc(upstream, extra=f"  listen: 127.0.0.1:{listen}\n"
+                                       "  admin: 127.0.0.1:0\n") + conformance(
+        "lifetime", [f"response_body log 2 s:body-{generation}",
+                     f"log log 2 s:on-log-{generation}"])
+
+
+async def slow_upstream(release: asyncio.Event) -> asyncio.Server:
+    """Answers with a first chunk at once and the last one when `release` is set."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                             b"5\r\nfirst\r\n")
+                await writer.drain()
+                if head.startswith(b"GET /slow "):
+                    await release.wait()
+                writer.write(b"4\r\nlast\r\n0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()  # the gateway closed its pooled connection, or the test ended
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def get(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: h\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def started(app: GatewayApp) -> None:
+    await app.start()
+    await app.plugins.settle(list(app.plugins.managed.values()), timeout=60)
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)
+
+
+def plugin_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the plugin logged with its `log` steps (not its `enter ...`/`conf ...` lines)."""
+    lines = [r.getMessage().rsplit(": ", 1)[-1] for r in caplog.records
+             if r.name.startswith("wasmgate") and "wasm log" in r.getMessage()]
+    return [line for line in lines if line.startswith(("body-", "on-log-"))]
+
+
+def test_a_replaced_plugin_serves_its_long_stream_to_the_end(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "gateway.yaml"
+
+    async def main() -> None:
+        release = asyncio.Event()
+        upstream = await slow_upstream(release)
+        address = f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        listen = free_port()
+        path.write_text(config(address, listen, "one"))
+        app = GatewayApp([path], drain_seconds=DRAIN, reload_interval=0)
+        await started(app)
+        try:
+            reader, writer = await get(listen, "/slow")
+            head = await asyncio.wait_for(reader.readuntil(b"first\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            old = app.plugins.managed["default.lifetime"].slot.plugin
+            assert old is not None and old.vm is not None
+            old_vm = old.vm
+
+            path.write_text(config(address, listen, "two"))
+            assert await app.reload()
+            assert app.draining_statuses() == [
+                {"name": "default.lifetime", "streams": 1,
+                 "memory_bytes": old_vm.memory_bytes()}]
+            await asyncio.sleep(DRAIN + 1.3)  # past the old fixed delay
+            assert old.vm is old_vm and not old_vm.closed  # the stream still holds it
+
+            release.set()
+            assert (await read_to_end(reader)).endswith(b"4\r\nlast\r\n0\r\n\r\n")
+            writer.close()
+            for _ in range(50):  # the close is scheduled on the loop after on_log
+                if old_vm.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert old_vm.closed and old.vm is None and app.draining_statuses() == []
+            # the old plugin saw its stream's body to the end, and its on_log
+            assert plugin_lines(caplog) == ["body-one"] * 3 + ["on-log-one"]
+
+            reader, writer = await get(listen, "/new")
+            await read_to_end(reader)
+            writer.close()
+        finally:
+            await app.stop()
+            upstream.close()
+        later = plugin_lines(caplog)[4:]  # the new request: the new plugin only
+        assert later[-1] == "on-log-two" and set(later[:-1]) == {"body-two"}
+
+    asyncio.run(main())
+
+
+def test_a_replaced_plugin_without_streams_is_freed_at_the_reload(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+
+    async def main() -> None:
+        upstream = await slow_upstream(asyncio.Event())
+        address = f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        listen = free_port()
+        path.write_text(config(address, listen, "one"))
+        app = GatewayApp([path], drain_seconds=DRAIN, reload_interval=0)
+        await started(app)
+        try:
+            reader, writer = await get(listen, "/done")
+            await read_to_end(reader)
+            writer.close()
+            old = app.plugins.managed["default.lifetime"].slot.plugin
+            assert old is not None and old.active_streams == 0
+            old_vm = old.vm
+            assert old_vm is not None and old_vm.memory_bytes() > 0
+            path.write_text(config(address, listen, "two"))
+            assert await app.reload()
+            assert old_vm.closed and old.vm is None and old_vm.memory_bytes() == 0
+            assert app.draining_statuses() == []
+            new = app.plugins.managed["default.lifetime"].slot.plugin
+            assert new is not None and new is not old and new.vm is not None
+        finally:
+            await app.stop()
+            upstream.close()
+
+    asyncio.run(main())
