@@ -20,6 +20,7 @@ from wasmgate.gateway.app import GatewayApp
 
 from .conftest import WASMGATE, Gateway, free_port
 from .test_gateway import conformance, gateway_doc
+from .test_reload_lifetime import get, read_to_end, slow_upstream
 
 Start = Callable[..., Gateway]
 
@@ -278,7 +279,10 @@ def test_workers_reopen_on_the_admin_request(start_gateway: Start, upstream: str
         f"/before{i}" for i in range(6))
 
 
-def test_a_path_a_reload_drops_is_closed_after_the_drain(tmp_path: Path, upstream: str) -> None:
+def test_a_path_a_reload_drops_is_closed_when_its_last_request_is_logged(
+        tmp_path: Path) -> None:
+    """A request begun before the reload logs to the path it began with, however long it
+    runs; the file is closed once it has, and later requests log to the new path."""
     def open_paths() -> set[str]:
         found = set()
         for fd in Path("/proc/self/fd").iterdir():
@@ -286,13 +290,17 @@ def test_a_path_a_reload_drops_is_closed_after_the_drain(tmp_path: Path, upstrea
                 found.add(os.readlink(fd))
         return found
 
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+
     async def main() -> None:
-        first, second = tmp_path / "first.log", tmp_path / "second.log"
+        release = asyncio.Event()
+        upstream = await slow_upstream(release)
+        address = f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
         config = tmp_path / "gateway.yaml"
         listen = free_port()
 
         def write(path: Path) -> None:
-            config.write_text(gateway_doc(upstream, extra=(
+            config.write_text(gateway_doc(address, extra=(
                 f"  listen: 127.0.0.1:{listen}\n  admin: 127.0.0.1:0\n"
                 f"  accessLog:\n    path: {path}\n    format: '%REQ(:PATH)%'\n")))
 
@@ -300,12 +308,27 @@ def test_a_path_a_reload_drops_is_closed_after_the_drain(tmp_path: Path, upstrea
         app = GatewayApp([config], drain_seconds=0.1, reload_interval=0)
         await app.start()
         try:
+            reader, writer = await get(listen, "/slow")
+            await asyncio.wait_for(reader.readuntil(b"first\r\n"), 10)
             write(second)
             assert await app.reload()
-            assert str(first) in open_paths()  # requests begun before may still log there
-            await asyncio.sleep(1.5)  # the drain, plus a second
-            assert str(first) not in open_paths() and str(second) in open_paths()
+            await asyncio.sleep(1.5)  # past the old fixed delay (the drain, plus a second)
+            assert str(first) in open_paths()  # the slow request will still log there
+            release.set()
+            await read_to_end(reader)
+            writer.close()
+            for _ in range(100):
+                if str(first) not in open_paths():
+                    break
+                await asyncio.sleep(0.02)
+            assert str(first) not in open_paths()
+            reader, writer = await get(listen, "/later")
+            await read_to_end(reader)
+            writer.close()
         finally:
             await app.stop()
+            upstream.close()
 
     asyncio.run(main())
+    assert first.read_text() == "/slow\n"
+    assert second.read_text() == "/later\n"

@@ -377,6 +377,10 @@ class AccessLogWriter:
         self._relay = None if self._whole else relay
         self._lines: list[str] = []
         self._size = 0
+        # Requests begun with this writer and not yet logged: a writer a reload dropped is
+        # closed when the last of them is logged (`retire`), however long it runs.
+        self.in_flight = 0
+        self.retired = False
         self.dropped = 0  # lines not written (backlog full, or the write failed)
         self._warned = False
         self._timer: asyncio.TimerHandle | None = None
@@ -513,6 +517,23 @@ class AccessLogWriter:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def retire(self) -> None:
+        """No new request will use this writer: close it once the requests using it are
+        logged (at once if there are none), without waiting on the event loop."""
+        self.retired = True
+        if self.in_flight <= 0:
+            self.close(0)
+
+    def done_with(self) -> None:
+        """A request that began with this writer was logged (or will not be)."""
+        self.in_flight -= 1
+        if self.retired and self.in_flight <= 0:
+            self.close(0)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is buffered, then stop: the writer thread ends (and closes the file)

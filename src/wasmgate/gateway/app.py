@@ -69,6 +69,7 @@ class GatewayApp:
         self.access_log_override = True if access_log_format else access_log
         self.access_log_format = access_log_format
         self._access_writers: dict[str, AccessLogWriter] = {}  # by path, kept across reloads
+        self._retired_writers: set[AccessLogWriter] = set()  # dropped, closed when unused
         # --workers: the parent writes the lines for stdout (a pipe): access_log.Relay
         self.access_relay = Relay(access_relay) if access_relay is not None else None
         self.drain_seconds = drain_seconds
@@ -241,14 +242,15 @@ class GatewayApp:
         self.gateway = gateway
         self._swap(router, chosen, access_log)
         self.stats.reloads += 1
-        loop = asyncio.get_running_loop()
         for plugin in retired:
             self._retire(plugin)
+        self._retired_writers = {w for w in self._retired_writers if not w.closing}
         in_use = {gateway.spec.access_log.path} if gateway.spec.access_log else set()
         for path in [p for p in self._access_writers if p not in in_use]:
             # a path the configuration dropped: closed once the requests still using it end
             writer = self._access_writers.pop(path)
-            loop.call_later(self.drain_seconds + 1, writer.close, 0)  # (no wait on the loop)
+            self._retired_writers.add(writer)
+            writer.retire()
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True
@@ -355,8 +357,8 @@ class GatewayApp:
             connection.close()
         for _ in range(3):  # their connection_lost (each cut request's access line) first
             await asyncio.sleep(0)
-        for writer in self._access_writers.values():
-            writer.close()
+        for writer in [*self._access_writers.values(), *self._retired_writers]:
+            writer.close()  # (idempotent: a retired writer may be closed already)
         await self.admin.close()
         self.pools.close()
         if self.plugins is not None:

@@ -538,6 +538,8 @@ class Exchange:
             self.stream = state.chain.stream(partial(_attributes, connection, self.route,
                                                      version, time.time_ns()))
             self.stream.on_wakeup = self._wakeup
+        if state.access_log is not None:
+            state.access_log.writer.in_flight += 1
 
     # -- request side ------------------------------------------------------------------------
     _plain = True
@@ -1071,3 +1073,4 @@ class Exchange:
             downstream_remote=self.connection.peer, downstream_local=self.connection.local,
             filter_state=stream.filter_state if stream is not None else {},
             local_reply=stream is not None and stream.state is StreamState.LOCAL_REPLY))
+        access.writer.done_with()
