@@ -10,6 +10,12 @@ that follows is the answer; a 101, a transfer-coding other than `chunked` (Envoy
 refuses those too) or a head larger than `MAX_HEAD_BYTES` is a protocol error (502); bytes
 arriving on an idle pooled connection (a body after a 204, an unsolicited response) close it,
 so they can never be read as the answer to the next request.
+
+Writes to upstreams made during one event-loop iteration leave together at its end (as the
+downstream side's responses do): with many connections, the heads of every request parsed
+from one epoll batch go out back to back, so the upstream is woken once per batch instead of
+once per request. On loopback each wake-up of a sleeping reader costs ~7 us of the writer's
+kernel time (bench/gateway.sh at 32 connections: +5% requests/s).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import functools
 import logging
 import os
 import ssl
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Protocol
 
 import httptools
@@ -76,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._writes = _writes_of(asyncio.get_running_loop())
 
     def data_received(self, data: bytes) -> None:
         if self.sink is None:  # nothing was asked: never the answer to a later request
@@ -218,11 +227,29 @@ class UpstreamConnection(asyncio.Protocol):
         if head_request:
             self._parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
-        self.transport.write(head)
+        self.write(head)
+
+    _out: list[bytes] | None = None  # written this loop iteration, not yet sent
 
     def write(self, data: bytes) -> None:
+        """Send at the end of this loop iteration (module docstring), in order."""
         if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+            out = self._out
+            if out is not None:  # (deferred already: keep the order)
+                out.append(data)
+                return
+            writes = self._writes
+            if writes.deferring:
+                self._out = [data]
+                writes.defer(self)
+            else:
+                writes.direct()
+                self.transport.write(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def spoil(self) -> None:
         """This connection carried a request that was not sent whole (or not as framed):
@@ -245,6 +272,98 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
         if sink is not None:
             sink.on_upstream_error(details, status)
+
+
+class _LoopWrites:
+    """The upstream writes of one event loop, sent together at the end of the loop iteration
+    while many connections write in one iteration (load from many clients), at once
+    otherwise.
+
+    Deferring costs a callback per iteration (~1.5 us) and pays only when it groups several
+    writes, so the mode adapts: after `DIRECT_AFTER` iterations in a row that deferred fewer
+    than `WORTH` connections' writes, writes go out at once; then every `PROBE_EVERY`-th
+    write opens a one-iteration probe, and `WORTH` writes in it defer again. A group leaves
+    early once its first write has waited `MAX_WAIT` seconds: with plugins, each request's
+    work is ~50-100 us, and a whole iteration's worth of waiting would lengthen the tail.
+    """
+
+    DIRECT_AFTER = 16
+    PROBE_EVERY = 64
+    WORTH = 3
+    MAX_WAIT = 300e-6
+
+    __slots__ = ("deferring", "first_at", "grouped", "loop", "pending", "probe", "small",
+                 "until_probe")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = weakref.ref(loop)  # (a strong one would keep its _LOOP_WRITES key alive)
+        self.pending: list[UpstreamConnection] = []
+        self.first_at = 0.0  # when the first of `pending` was deferred
+        self.grouped = 0  # connections sent in early groups this iteration
+        self.deferring = True
+        self.small = 0  # iterations in a row that deferred fewer than WORTH connections
+        self.until_probe = self.PROBE_EVERY
+        self.probe = -1  # writes seen in the open probe (-1: none open)
+
+    def defer(self, connection: UpstreamConnection) -> None:
+        """`connection` has output waiting (`_out`): send it with its group."""
+        pending = self.pending
+        pending.append(connection)
+        if len(pending) == 1:
+            self.first_at = perf_counter()
+            if not self.grouped:
+                self._call_soon(self.flush)
+        elif perf_counter() - self.first_at > self.MAX_WAIT:
+            self.pending = []
+            self.grouped += len(pending)
+            for waiting in pending:
+                waiting._flush()
+
+    def direct(self) -> None:
+        """A write about to go out at once: watch for many writers per iteration."""
+        if self.probe >= 0:
+            self.probe += 1
+            if self.probe >= self.WORTH:  # many writers in one iteration: group them again
+                self.deferring, self.small = True, 0
+        else:
+            self.until_probe -= 1
+            if self.until_probe <= 0:
+                self.until_probe = self.PROBE_EVERY
+                self.probe = 1
+                self._call_soon(self._end_probe)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        loop = self.loop()
+        if loop is not None:
+            loop.call_soon(callback)
+
+    def _end_probe(self) -> None:
+        self.probe = -1
+
+    def flush(self) -> None:
+        """The end of the iteration: what is waiting goes out."""
+        pending, self.pending = self.pending, []
+        writers = len(pending) + self.grouped
+        self.grouped = 0
+        if writers < self.WORTH:
+            self.small += 1
+            if self.small >= self.DIRECT_AFTER:
+                self.deferring = False
+        else:
+            self.small = 0
+        for connection in pending:
+            connection._flush()
+
+
+_LOOP_WRITES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWrites] = (
+    weakref.WeakKeyDictionary())
+
+
+def _writes_of(loop: asyncio.AbstractEventLoop) -> _LoopWrites:
+    writes = _LOOP_WRITES.get(loop)
+    if writes is None:
+        writes = _LOOP_WRITES[loop] = _LoopWrites(loop)
+    return writes
 
 
 class EndpointPool:
