@@ -19,11 +19,12 @@ from .test_gateway import conformance, gateway_doc
 DRAIN = 0.2  # the old fixed delay closed a replaced VM after drain + 1 s, streams or not
 
 
-def config(upstream: str, listen: int, generation: str) -> str:
+def config(upstream: str, listen: int, generation: str,
+           steps: list[str] | None = None) -> str:
     return gateway_doc(upstream, extra=f"  listen: 127.0.0.1:{listen}\n"
                                        "  admin: 127.0.0.1:0\n") + conformance(
         "lifetime", [f"response_body log 2 s:body-{generation}",
-                     f"log log 2 s:on-log-{generation}"])
+                     f"log log 2 s:on-log-{generation}", *(steps or [])])
 
 
 async def slow_upstream(release: asyncio.Event) -> asyncio.Server:
@@ -93,7 +94,7 @@ def test_a_replaced_plugin_serves_its_long_stream_to_the_end(
             assert await app.reload()
             assert app.draining_statuses() == [
                 {"name": "default.lifetime", "streams": 1,
-                 "memory_bytes": old_vm.memory_bytes()}]
+                 "memory_bytes": old_vm.memory_bytes(), "waiting_for_proxy_done": False}]
             await asyncio.sleep(DRAIN + 1.3)  # past the old fixed delay
             assert old.vm is old_vm and not old_vm.closed  # the stream still holds it
 
@@ -149,3 +150,93 @@ def test_a_replaced_plugin_without_streams_is_freed_at_the_reload(tmp_path: Path
             upstream.close()
 
     asyncio.run(main())
+
+
+def on_done_flushing(address: str) -> list[str]:
+    """A root context that flushes over an http_call when it is shut down, and says it is
+    done (proxy_done) when the call is answered."""
+    return ["done return 0",
+            f"done http_call s:{address} m::path=/slow&:method=GET&:authority=up s: null "
+            "10000",
+            "http_call_response done"]
+
+
+def test_on_done_false_keeps_the_vm_until_the_plugin_calls_proxy_done(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Envoy's root-context shutdown: on_done false means the plugin still has work; the VM
+    lives on (its http_call is answered) until proxy_done, then on_delete runs."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "gateway.yaml"
+
+    async def main() -> None:
+        release = asyncio.Event()
+        upstream = await slow_upstream(release)
+        address = f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        listen = free_port()
+        path.write_text(config(address, listen, "one", on_done_flushing(address)))
+        app = GatewayApp([path], drain_seconds=DRAIN, reload_interval=0)
+        await started(app)
+        try:
+            old = app.plugins.managed["default.lifetime"].slot.plugin
+            assert old is not None and old.vm is not None
+            old_vm = old.vm
+            path.write_text(config(address, listen, "two"))
+            assert await app.reload()
+            [draining] = app.draining_statuses()
+            assert draining["streams"] == 0 and draining["waiting_for_proxy_done"]
+            await asyncio.sleep(0.3)
+            assert not old_vm.closed  # the flush is still on its way
+            entered = [m for m in messages(caplog) if m.startswith("enter ")]
+            assert "enter done 1" in entered and "enter delete 1" not in entered
+            release.set()
+            for _ in range(200):
+                if old_vm.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert old_vm.closed and app.draining_statuses() == []
+            entered = [m for m in messages(caplog) if m.startswith("enter ")]
+            assert entered.index("enter delete 1") > entered.index(
+                next(m for m in entered if m.startswith("enter http_call_response 1")))
+            assert "conf http_call_response done status=0" in messages(caplog)
+        finally:
+            await app.stop()
+            upstream.close()
+
+    asyncio.run(main())
+
+
+def test_a_plugin_that_never_calls_proxy_done_is_closed_after_the_timeout(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "gateway.yaml"
+
+    async def main() -> None:
+        upstream = await slow_upstream(asyncio.Event())
+        address = f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        listen = free_port()
+        path.write_text(config(address, listen, "one", ["done return 0"]))
+        app = GatewayApp([path], drain_seconds=DRAIN, reload_interval=0)
+        app.done_timeout = 0.3
+        await started(app)
+        try:
+            old = app.plugins.managed["default.lifetime"].slot.plugin
+            assert old is not None and old.vm is not None
+            old_vm = old.vm
+            path.write_text(config(address, listen, "two"))
+            assert await app.reload()
+            assert not old_vm.closed
+            await asyncio.sleep(0.6)
+            assert old_vm.closed and app.draining_statuses() == []
+            assert "enter delete 1" in messages(caplog)
+            assert any("did not call proxy_done within 0.3 s" in r.getMessage()
+                       for r in caplog.records)
+        finally:
+            await app.stop()
+            upstream.close()
+
+    asyncio.run(main())
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage().rsplit(": ", 1)[-1] for r in caplog.records
+            if "wasm log" in r.getMessage()]

@@ -202,3 +202,30 @@ def test_a_close_asked_inside_a_guest_call_waits_for_it_to_return() -> None:
     assert vm is not None
     plugin.new_http_context().request_headers({"a": "1"}, end_of_stream=True)
     assert seen == [False] and vm.closed
+
+
+def test_emulator_shutdown_waits_for_proxy_done_after_on_done_false() -> None:
+    """Envoy's root shutdown, as plugin authors test a flush on shutdown: on_done false keeps
+    the VM (its http_call can still be answered) until the plugin calls proxy_done."""
+    emulator = Emulator(CONFORMANCE, plugin_config=(
+        "done return 0\n"
+        "done http_call s:collector m::path=/flush&:method=POST&:authority=c s:batch null 1000\n"
+        "http_call_response done\n"), upstreams={"collector"})
+    with emulator:
+        assert emulator.shutdown() is False
+        assert not emulator.finished
+        [call] = emulator.pending_http_calls()
+        assert call.body == b"batch"
+        emulator.respond_http_call(call.token, {":status": "200"})
+        assert emulator.finished
+        entered = [line for line in emulator.logs() if line.startswith("enter ")]
+        assert entered[-3:] == ["enter done 1",
+                                f"enter http_call_response 1 {call.token} 1 0 0",
+                                "enter delete 1"]
+
+
+def test_emulator_shutdown_of_a_plugin_that_is_done_at_once() -> None:
+    with Emulator(CONFORMANCE, plugin_config="configure get_log_level") as emulator:
+        assert emulator.shutdown() is True and emulator.finished
+        entered = [line for line in emulator.logs() if line.startswith("enter ")]
+        assert entered[-2:] == ["enter done 1", "enter delete 1"]  # on_done once

@@ -92,6 +92,9 @@ class GatewayApp:
         self._invalid_plugins: set[str] = set()  # namespace/name of WasmPlugins that failed
         self._stopping = asyncio.Event()
         self.draining: dict[int, Plugin] = {}  # retired plugins whose streams still run
+        # How long a retired plugin whose on_done returned false may take to call proxy_done
+        # (proxy-wasm-cpp-host waits for ever; a plugin that never calls it would leak its VM).
+        self.done_timeout = 30.0
         self.plugins: PluginManager = None  # type: ignore[assignment]
 
     # -- configuration -----------------------------------------------------------------------
@@ -269,9 +272,35 @@ class GatewayApp:
                   plugin.active_streams)
 
     def _close_retired(self, plugin: Plugin) -> None:
-        if self.draining.pop(id(plugin), None) is not None:
-            plugin.on_idle = None
+        """Its last stream ended: on_done, and on_delete unless the plugin asked to finish
+        some work first (on_done false); then it has `done_timeout` s to call proxy_done."""
+        if id(plugin) not in self.draining:
+            return
+        plugin.on_idle = None
+        try:
+            finished = plugin.finish()
+        except Exception as exc:  # closing must never take the gateway down
+            log.warning("closing plugin %s: %s", plugin.describe(), exc)
+            finished = True
+        if finished:
+            self._closed(plugin)
+            return
+        log.info("plugin %s: on_done returned false: waiting up to %g s for proxy_done",
+                 plugin.describe(), self.done_timeout)
+        timer = asyncio.get_running_loop().call_later(self.done_timeout, self._give_up, plugin)
+        plugin.on_finished = lambda p: (timer.cancel(), self._closed(p))
+
+    def _give_up(self, plugin: Plugin) -> None:
+        if id(plugin) in self.draining:
+            log.warning("plugin %s did not call proxy_done within %g s: closed",
+                        plugin.describe(), self.done_timeout)
             _close_plugins([plugin], self.plugins.host)
+            self._closed(plugin)
+
+    def _closed(self, plugin: Plugin) -> None:
+        self.draining.pop(id(plugin), None)
+        plugin.on_finished = None
+        self.plugins.host.stop_plugin(plugin)  # (its tick and gRPC calls, if any)
 
     def _still_running(self, resources: list[object]) -> list[object]:
         """Running plugins whose document is now invalid keep running in their last valid
@@ -396,7 +425,8 @@ class GatewayApp:
 
     def draining_statuses(self) -> list[dict[str, object]]:
         """Plugins a reload replaced whose streams are still running (their VMs live on)."""
-        return [{"name": p.name, "streams": p.active_streams, "memory_bytes": p.memory_bytes()}
+        return [{"name": p.name, "streams": p.active_streams, "memory_bytes": p.memory_bytes(),
+                 "waiting_for_proxy_done": p.root.done_pending}
                 for p in self.draining.values()]
 
     def config_dump(self) -> dict[str, object]:

@@ -70,6 +70,8 @@ class Plugin:
         # as Envoy keeps a replaced VM for as long as a stream holds it.
         self.active_streams = 0
         self.on_idle: Callable[[Plugin], None] | None = None
+        self.on_finished: Callable[[Plugin], None] | None = None  # see finish()
+        self._done_called = False  # on_done ran (finish): close() calls only on_delete
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -184,14 +186,48 @@ class Plugin:
     def describe(self) -> str:
         return repr(self.name or self.root_id or self.module.source)
 
+    def finish(self) -> bool:
+        """Envoy's shutdown of the root context (the plugin was replaced or removed): on_done,
+        then on_delete and the VM freed. If on_done returns false the plugin has work to end
+        first (a flush over an http_call, say): the VM stays, its tick and calls go on, until
+        it calls proxy_done (then `on_finished` is called) or the embedder gives up and calls
+        `close()`. True if the plugin is closed now."""
+        vm = self.vm
+        if vm is None:
+            return True
+        if self.failed or vm.failed is not None or self._done_called:
+            self.close()
+            return True
+        self._done_called = True
+        root = self.root
+        try:
+            done = vm.call("proxy_on_done", root.id, context_id=root.id)
+        except PluginTrap:
+            self.close()
+            return True
+        if done == 0 and self.vm is vm:  # (None: no on_done export)
+            root.done_pending = True
+            return False
+        self.close()
+        return True
+
+    def proxy_done(self) -> None:
+        """The plugin called proxy_done after a false on_done (applied after its call)."""
+        self.close()
+        if self.on_finished is not None:
+            self.on_finished(self)
+
     def close(self) -> None:
-        """Run on_done/on_delete for the root context and drop the VM. Idempotent."""
+        """Run on_done (unless `finish` did) and on_delete for the root context, and free
+        the VM. Idempotent."""
         vm, self.vm = self.vm, None
         if vm is None:
             return
+        self.root.done_pending = False
         if not self.failed and vm.failed is None:
             try:
-                vm.call("proxy_on_done", self.root.id, context_id=self.root.id)
+                if not self._done_called:
+                    vm.call("proxy_on_done", self.root.id, context_id=self.root.id)
                 vm.call("proxy_on_delete", self.root.id, context_id=self.root.id)
             except PluginTrap:
                 pass

@@ -83,6 +83,18 @@ class Emulator(Host):
     def close(self) -> None:
         self.plugin.close()
 
+    def shutdown(self) -> bool:
+        """What a gateway does when the plugin is replaced or removed: on_done, then on_delete
+        and the VM freed (True). If on_done returns false (the plugin flushes something first),
+        False: the VM stays, its calls can still be answered (`respond_http_call`), and it ends
+        when the plugin calls proxy_done (see `finished`) or at `close()`."""
+        return self.plugin.finish()
+
+    @property
+    def finished(self) -> bool:
+        """The plugin is closed (after `shutdown`, or `close`)."""
+        return self.plugin.vm is None
+
     def __enter__(self) -> Emulator:
         return self.start()
 

@@ -39,10 +39,13 @@ def proxy_set_effective_context(vm: WasmVM, context_id: int) -> int:
 
 @hostcall("proxy_done", "")
 def proxy_done(vm: WasmVM) -> int:
+    """After on_done returned false (`Plugin.finish`): the plugin is done; on_delete and
+    the VM's end follow once this call returns (as proxy-wasm-cpp-host defers them)."""
     root = vm.plugin.root
     if not root.done_pending:
         return Status.NOT_FOUND
     root.done_pending = False
+    vm.defer(vm.plugin.proxy_done)
     return OK
 
 
