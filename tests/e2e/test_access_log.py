@@ -20,7 +20,7 @@ from wasmgate.gateway.app import GatewayApp
 
 from .conftest import WASMGATE, Gateway, free_port
 from .test_gateway import conformance, gateway_doc
-from .test_reload_lifetime import get, read_to_end, slow_upstream
+from .test_reload_lifetime import fetch, get, read_to_end, slow_upstream
 
 Start = Callable[..., Gateway]
 
@@ -322,9 +322,7 @@ def test_a_path_a_reload_drops_is_closed_when_its_last_request_is_logged(
                     break
                 await asyncio.sleep(0.02)
             assert str(first) not in open_paths()
-            reader, writer = await get(listen, "/later")
-            await read_to_end(reader)
-            writer.close()
+            await fetch(listen, "/later")
         finally:
             await app.stop()
             upstream.close()
