@@ -87,6 +87,10 @@ class Plugin:
         return self.config.vm_id
 
     def log_prefix(self, context_id: int | None = None) -> str:
+        """Envoy's ` name root_id vm_id` (empty parts left out) for a stream context, without
+        the name for the root context; `context_id` defaults to the running callback's."""
+        if context_id is None and self.vm is not None:
+            context_id = self.vm.current_context_id or None
         parts = [self.name, self.root_id, self.vm_id]
         if context_id is None or context_id == self.root.id:
             parts = parts[1:]
