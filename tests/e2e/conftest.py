@@ -115,6 +115,13 @@ class Gateway:
     def admin_json(self, path: str) -> dict:  # type: ignore[type-arg]
         return json.loads(self.admin_get(path)[1])
 
+    def admin_post(self, path: str) -> tuple[int, bytes]:
+        status, _, body = self.request("POST", path, port=self.admin)
+        return status, body
+
+    def admin_post_json(self, path: str) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.admin_post(path)[1])
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -171,11 +171,14 @@ def test_admin_endpoints(start_gateway: Start, upstream: str) -> None:
     assert dump["plugins"][0]["filter_name"] == "default.metrics"
     assert len(dump["plugins"][0]["sha256"]) == 64
     assert gateway.admin_get("/ready") == (200, b"LIVE\n")
-    levels = gateway.admin_json("/logging?default.metrics=trace")
+    before = gateway.admin_json("/logging")["levels"]
+    assert gateway.admin_get("/logging?default.metrics=trace")[0] == 405  # a change is a POST
+    assert gateway.admin_json("/logging")["levels"] == before != {"default.metrics": "trace"}
+    levels = gateway.admin_post_json("/logging?default.metrics=trace")
     assert levels["changed"] == {"default.metrics": "trace"}
     gateway.get("/traced")
     assert "[host->vm] proxy_on_request_headers(" in gateway.logs()
-    assert gateway.admin_get("/logging?nobody=trace")[0] == 404
+    assert gateway.admin_post("/logging?nobody=trace")[0] == 404
 
 
 def test_secrets_are_redacted_in_config_dump(start_gateway: Start, upstream: str) -> None:

@@ -167,7 +167,7 @@ def test_logging_applies_to_every_worker(start_gateway: Start, upstream: str) ->
     assert worker_lines(gateway, 0, TRACED) == worker_lines(gateway, 1, TRACED) == 0
     assert worker_lines(gateway, 0, LOGGED) and worker_lines(gateway, 1, LOGGED)
     # a plugin by name, through worker 0's admin: both workers trace it
-    reply = gateway.admin_json(f"/logging?{PLUGIN}=trace")
+    reply = gateway.admin_post_json(f"/logging?{PLUGIN}=trace")
     assert reply["changed"] == {PLUGIN: "trace"}
     assert [(w["worker"], w["state"], w["changed"]) for w in reply["workers"]] \
         == [(0, "up", {PLUGIN: "trace"}), (1, "up", {PLUGIN: "trace"})]
@@ -175,7 +175,7 @@ def test_logging_applies_to_every_worker(start_gateway: Start, upstream: str) ->
     send(gateway, REQUESTS)
     assert worker_lines(gateway, 0, TRACED) and worker_lines(gateway, 1, TRACED)
     # all=: both workers stop logging below error
-    reply = gateway.admin_json("/logging?all=error")
+    reply = gateway.admin_post_json("/logging?all=error")
     assert [w["changed"] for w in reply["workers"]] == [{PLUGIN: "error"}] * 2
     before = [worker_lines(gateway, i, n) for i in (0, 1) for n in (TRACED, LOGGED)]
     send(gateway, REQUESTS)
@@ -184,15 +184,15 @@ def test_logging_applies_to_every_worker(start_gateway: Start, upstream: str) ->
     listed = gateway.admin_json("/logging")
     assert [w["levels"] for w in listed["workers"]] == [{PLUGIN: "error"}] * 2
     # a bad level or name changes nothing anywhere
-    assert gateway.admin_get("/logging?all=loud")[0] == 400
-    assert gateway.admin_get(f"/logging?{PLUGIN}=info&nobody=info")[0] == 404
+    assert gateway.admin_post("/logging?all=loud")[0] == 400
+    assert gateway.admin_post(f"/logging?{PLUGIN}=info&nobody=info")[0] == 404
     assert [w["levels"] for w in gateway.admin_json("/logging")["workers"]] \
         == [{PLUGIN: "error"}] * 2
     # a worker that does not answer is reported, the others still changed
     pid = workers(gateway)[1]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
-        status, body = gateway.admin_get(f"/logging?{PLUGIN}=info")
+        status, body = gateway.admin_post(f"/logging?{PLUGIN}=info")
     finally:
         os.kill(pid, signal.SIGCONT)
     assert status == 200, body
@@ -341,12 +341,12 @@ def test_a_respawned_worker_0_serves_the_admin_again(start_gateway: Start,
 
 def test_a_worker_that_cannot_start_stops_the_gateway(start_gateway: Start,
                                                       upstream: str) -> None:
-    with socket.socket() as busy:  # the port is taken (no SO_REUSEPORT): every worker exits 1
+    with socket.socket() as busy:  # worker 0's admin port is taken: it exits 1
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         gateway = start_gateway(gateway_doc(upstream) + conformance("counting", STEPS),
-                                "--workers", "2", "--listen", f"127.0.0.1:{port}", wait=False)
+                                "--workers", "2", "--admin", f"127.0.0.1:{port}", wait=False)
         assert gateway.process.wait(60) == 1, gateway.logs()
     assert "before it started: stopping the gateway" in gateway.logs()
     assert "starting a new one" not in gateway.logs()

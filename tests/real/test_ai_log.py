@@ -94,7 +94,7 @@ def start(start_gateway: Start, model: ModelServer, budget: int, *,
     if statistics is not None:
         doc += plugin_doc("ai-statistics", STATISTICS, statistics)
     gateway = start_gateway(doc)
-    status, _ = gateway.admin_get("/logging?default.gpustack-rate-limit=debug")
+    status, _ = gateway.admin_post("/logging?default.gpustack-rate-limit=debug")
     assert status == 200
     return gateway
 

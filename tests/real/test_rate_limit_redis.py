@@ -50,7 +50,7 @@ def two_gateways(start_gateway: Start, upstream: str, redis: RedisServer) -> lis
     config = gateway_doc(upstream) + wasm_plugin("gpustack-rate-limit", rate_limit(redis.port))
     gateways = [start_gateway(config), start_gateway(config)]
     for gateway in gateways:  # the ABI trace shows the cluster the plugin calls
-        gateway.admin_get("/logging?default.gpustack-rate-limit=trace")
+        gateway.admin_post("/logging?default.gpustack-rate-limit=trace")
     return gateways
 
 
@@ -99,7 +99,7 @@ def test_stopped_redis_does_not_take_the_gateway_down(start_gateway: Start, upst
         assert gateway.get("/v1/models", headers={"x-mse-consumer": "carol"})[0] == 200
     finally:
         server.stop()
-    gateway.admin_get("/logging?default.gpustack-rate-limit=trace")
+    gateway.admin_post("/logging?default.gpustack-rate-limit=trace")
     # the plugin sees (11, "reset") and fails open
     assert gateway.get("/v1/models", headers={"x-mse-consumer": "carol"}, timeout=5)[0] == 200
     assert re.search(r"proxy_on_redis_call_response\(1, \d+, 1, 0\)", gateway.logs())

@@ -315,6 +315,8 @@ class AdminServer:
     def _logging(self, method: str, query: list[tuple[str, str]]) -> Reply:
         """This worker's plugins' levels; every name and level is checked before any is set
         (a 400 or 404 changed nothing)."""
+        if query and method != "POST":  # (a state change on GET: Envoy refuses it too)
+            return 405, b"text/plain", b"POST /logging?NAME=LEVEL to change a level\n"
         plugins = self.app.plugins
         wanted = []
         for name, value in query:

@@ -63,7 +63,7 @@ config: {config}   (edit it: the gateway reloads on save)
   curl -i {base}/deny/secret    # refused by the plugin: 403 from inside the VM
   curl -s {admin_base}/plugins
   curl -s {admin_base}/stats/prometheus | head -30
-  curl -s '{admin_base}/logging?default.example=trace'   # then curl again: ABI trace in the log
+  curl -s -X POST '{admin_base}/logging?default.example=trace'   # then curl again: ABI trace
 
 Ctrl-C to stop.
 """, flush=True)
