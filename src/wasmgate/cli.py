@@ -169,7 +169,11 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
 @click.option("--listen", help="HOST:PORT to serve on (overrides the Gateway document).")
 @click.option("--admin", help="HOST:PORT of the admin endpoint (default 127.0.0.1:9901).")
 @click.option("--upstream", help="URL or HOST:PORT of a single upstream for every request.")
-@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes.")
+@click.option("--drain-seconds", default=10.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="On SIGTERM/SIGINT, how long in-flight requests may take to finish.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=None,
@@ -183,8 +187,9 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
               envvar="WASMGATE_CA_FILE", help="CA bundle trusted for registries and http(s).")
 def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
-        upstream: str | None, workers: int, log_level: str, access_log: bool | None,
-        access_log_format: str | None, cache_dir: Path | None, ca_file: str | None) -> None:
+        upstream: str | None, workers: int, drain_seconds: float, log_level: str,
+        access_log: bool | None, access_log_format: str | None, cache_dir: Path | None,
+        ca_file: str | None) -> None:
     """Run the gateway: plugins from the WasmPlugin resources, in front of the upstreams."""
     from .gateway.runner import run_gateway
 
@@ -193,7 +198,8 @@ def run(configs: tuple[Path, ...], listen: str | None, admin: str | None,
 
     raise SystemExit(run_gateway(list(configs), listen=_host_port(listen),
                                  admin=_host_port(admin), upstream=upstream, workers=workers,
-                                 log_level=log_level, access_log=access_log,
+                                 drain_seconds=drain_seconds, log_level=log_level,
+                                 access_log=access_log,
                                  access_log_format=access_log_format,
                                  cache_dir=cache_dir, ca_file=ca_file))
 

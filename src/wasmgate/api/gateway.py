@@ -8,6 +8,7 @@ an address as users of Istio/Higress plugins expect (plugin-toolchains spec §5)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -122,9 +123,14 @@ def parse_shared_data_url(text: str) -> SharedDataURL:
         db=int(path or 0), prefix=prefix, timeout_ms=int(timeout))
 
 
+_SECRET_PARAM = re.compile(r"([?&][^=&#]*(?:secret|password|passwd|token|credential|signature|"
+                           r"sig|api[-_]?key|auth)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(text: str) -> str:
-    """The URL with any password replaced by ``[redacted]``, also when the password holds raw
-    ``/ ? # @`` (an invalid URL is still echoed in errors): better to redact too much."""
+    """The URL with any password, and the values of query parameters named like secrets
+    (`token`, `X-Amz-Signature`...), replaced by ``[redacted]``, also when the password holds
+    raw ``/ ? # @`` (an invalid URL is still echoed in errors): better to redact too much."""
     scheme, sep, rest = text.partition("://")
     if not sep:
         return text
@@ -134,9 +140,14 @@ def redact_url(text: str) -> str:
         at = rest.rfind("@")  # a raw '?' or '#' in the password
     userinfo = rest[:at] if at >= 0 else ""
     colon = userinfo.find(":")
-    if colon < 0 or "/" in userinfo[:colon]:
-        return text
-    return f"{scheme}://{userinfo[:colon]}:[redacted]@{rest[at + 1:]}"
+    if colon >= 0 and "/" not in userinfo[:colon]:
+        rest = f"{userinfo[:colon]}:[redacted]@{rest[at + 1:]}"
+    return scheme + "://" + redact_secret_params(rest)
+
+
+def redact_secret_params(text: str) -> str:
+    """`text` with the values of query parameters named like secrets replaced."""
+    return _SECRET_PARAM.sub(r"\1[redacted]", text)
 
 
 def _check_shared_data(text: str) -> str:

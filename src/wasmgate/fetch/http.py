@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from ..api.gateway import redact_secret_params
 from .sources import FetchError, check_wasm, fetch_error
 
 Progress = Callable[[int, int | None], None]
@@ -74,7 +75,9 @@ def host_is_insecure(hosts: frozenset[str], url: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """The url without a password in it (for logs and errors)."""
+    """The url without a password, or secret-looking query values, in it (for logs and
+    errors)."""
+    url = redact_secret_params(url)
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -13,6 +13,8 @@ import signal
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ..api.access_log import parse_json_format
 from ..api.gateway import Gateway, GatewayMeta, GatewaySpec, redact_url
 from ..api.loading import LoadResult, config_files, load_paths
@@ -28,7 +30,7 @@ from ..runtime.vm import Limits
 from .access_log import AccessLog, AccessLogFormat, AccessLogWriter, Relay
 from .admin import AdminServer
 from .host import GatewayHost
-from .plugins import ManagedSlot, PluginManager
+from .plugins import ManagedSlot, PluginManager, local_module
 from .proxy import ProxyState, Router
 from .server import DownstreamProtocol
 from .shared_queues import ProcessSharedQueues
@@ -95,20 +97,46 @@ class GatewayApp:
         # How long a retired plugin whose on_done returned false may take to call proxy_done
         # (proxy-wasm-cpp-host waits for ever; a plugin that never calls it would leak its VM).
         self.done_timeout = 30.0
+        self._gateway_documented = False  # the files had a Gateway document at the last load
         self.plugins: PluginManager = None  # type: ignore[assignment]
 
     # -- configuration -----------------------------------------------------------------------
-    def _load(self) -> tuple[Gateway, list[object]]:
+    def _load(self, *, reloading: bool = False) -> tuple[Gateway, list[object]]:
         result = load_config(self.config_paths)
+        if reloading and self._gateway_documented and not result.gateways:
+            # An emptied or moved file (an editor's save caught half-way): the default Gateway
+            # would drop every route, and every plugin a selector chose (an auth plugin too).
+            raise ConfigInvalid("the Gateway document is gone from the configuration; "
+                                "a running gateway keeps its routes and plugins")
         errors = [str(e) for e in result.errors]
         self._invalid_plugins = {e.name for e in result.errors
                                  if e.kind == "WasmPlugin" and e.name}
         self.config_errors = errors
         for error in errors:
             log.error("config: %s", error)
+        self._gateway_documented = bool(result.gateways)
         gateway = result.gateways[0] if result.gateways else Gateway(
             metadata=GatewayMeta(name="default"))
         return self._apply_overrides(gateway), list(result.plugins)
+
+    @staticmethod
+    def _keep_addresses(new: Gateway, running: Gateway) -> Gateway:
+        """The sockets stay where they are until a restart: say so, and keep /config_dump
+        showing where the gateway really listens."""
+        changed = {}
+        for field in ("listen", "admin"):
+            was, now = getattr(running.spec, field), getattr(new.spec, field)
+            if now != was:
+                log.warning("spec.%s changed to %s:%d: it takes effect at restart; still on "
+                            "%s:%d", field, now.host, now.port, was.host, was.port)
+                changed[field] = was
+        if not changed:
+            return new
+        return new.model_copy(update={"spec": new.spec.model_copy(update=changed)})
+
+    def check_config(self) -> Gateway:
+        """The Gateway as `start` would load it (CLI flags applied); raises ConfigInvalid."""
+        return self._load()[0]
 
     def _apply_overrides(self, gateway: Gateway) -> Gateway:
         """CLI flags win over the Gateway document; the result is validated again."""
@@ -130,17 +158,32 @@ class GatewayApp:
             if self.access_log_format:
                 access.pop("jsonFormat", None)
                 access["format"] = self.access_log_format
-        spec = GatewaySpec.model_validate(data)
+        try:
+            spec = GatewaySpec.model_validate(data)
+        except ValidationError as exc:  # (the document itself was valid: a flag is not)
+            raise ConfigInvalid("\n".join(
+                f"{_FLAG_OF.get(str(e['loc'][0]) if e['loc'] else '', 'spec')}: {e['msg']}"
+                for e in exc.errors())) from None
         return gateway.model_copy(update={"spec": spec})
 
     def _select(self, gateway: Gateway, plugins: list[object]) -> list[object]:
-        return list(select_for_gateway(plugins, gateway))  # type: ignore[arg-type]
+        chosen = list(select_for_gateway(plugins, gateway))  # type: ignore[arg-type]
+        ids = {id(p) for p in chosen}
+        left = sorted(f"{p.namespace}/{p.name}" for p in plugins  # type: ignore[attr-defined]
+                      if id(p) not in ids)
+        if left:  # (a selector, targetRefs, match or type that is not this gateway's)
+            log.warning("WasmPlugin(s) not selected by gateway %s: %s (`wasmgate validate` "
+                        "shows the chain)", gateway.metadata.name, ", ".join(left))
+        return chosen
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         gateway, resources = self._load()
         self.gateway = gateway
+        if not gateway.spec.routes:
+            log.warning("no routes (no Gateway document with routes, no --upstream): every "
+                        "request gets 404")
         router = Router(gateway.spec)
         host = GatewayHost(loop, self.pools, router.resolve,
                            shared_data=self._shared_data_for(gateway), queues=self.shared_queues,
@@ -224,7 +267,7 @@ class GatewayApp:
     async def reload(self) -> bool:
         """Rebuild from the config files; the old config stays if anything is invalid."""
         try:
-            gateway, resources = self._load()
+            gateway, resources = self._load(reloading=True)
             access_log = self._access_log(gateway.spec)
         except Exception as exc:
             self.stats.reload_failures += 1
@@ -237,6 +280,8 @@ class GatewayApp:
         if self.gateway is not None and gateway.spec.shared_data != self.gateway.spec.shared_data:
             log.warning("spec.sharedData changed: it takes effect at restart; plugins keep "
                         "the shared data store they started with")
+        if self.gateway is not None:
+            gateway = self._keep_addresses(gateway, self.gateway)
         resources += self._still_running(resources)
         candidates = self.plugins.prepare(self._select(gateway, resources))  # type: ignore
         await self.plugins.settle(candidates, timeout=120)
@@ -254,6 +299,7 @@ class GatewayApp:
             writer = self._access_writers.pop(path)
             self._retired_writers.add(writer)
             writer.retire()
+        self._mtimes = self._watched()  # (the modules of the plugins now in use)
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True
@@ -316,13 +362,26 @@ class GatewayApp:
                 kept.append(managed.resource)
         return kept
 
+    def _watched(self) -> dict[Path, float]:
+        """The config files' and the `file://` modules' modification times: a changed
+        document or a rebuilt module reloads."""
+        found = _mtimes(self.config_paths)
+        for managed in self.plugins.managed.values() if self.plugins is not None else ():
+            path = local_module(managed.resource)
+            if path is not None:
+                try:
+                    found[Path(path)] = os.stat(path).st_mtime
+                except OSError:
+                    continue
+        return found
+
     def _remember_mtimes(self) -> None:
-        self._mtimes = _mtimes(self.config_paths)
+        self._mtimes = self._watched()
 
     async def _watch(self) -> None:
         while not self._stopping.is_set():
             await asyncio.sleep(self.reload_interval)
-            current = _mtimes(self.config_paths)
+            current = self._watched()
             if current != self._mtimes:
                 self._mtimes = current
                 await self.reload()
@@ -376,6 +435,9 @@ class GatewayApp:
         if self.server is not None:
             self.server.close()
         deadline = asyncio.get_running_loop().time() + self.drain_seconds
+        busy = sum(not c.idle for c in self.connections)
+        log.info("stopping%s", f": draining {busy} busy connection(s), up to "
+                 f"{self.drain_seconds:g} s" if busy else "")
         while any(not c.idle for c in self.connections):
             if asyncio.get_running_loop().time() > deadline:
                 log.warning("drain timeout: closing %d busy connection(s)",
@@ -409,7 +471,8 @@ class GatewayApp:
         for managed in self.plugins.managed.values():
             info = managed.slot.describe()
             plugin = managed.slot.plugin
-            info.update({"url": managed.resource.resolved_url(), "sha256": managed.sha256,
+            info.update({"url": redact_url(managed.resource.resolved_url()),
+                         "sha256": managed.sha256,
                          "phase": str(managed.resource.spec.phase),
                          "priority": managed.resource.spec.priority,
                          "streams": managed.slot.streams, "callbacks": managed.slot.callbacks,
@@ -440,6 +503,8 @@ class GatewayApp:
         plugins = []
         for order, managed in enumerate(self.plugins.managed.values()):
             resource = managed.resource.to_dict()
+            if resource.get("spec", {}).get("url"):
+                resource["spec"]["url"] = redact_url(resource["spec"]["url"])
             for env in resource.get("spec", {}).get("vmConfig", {}).get("env", []):
                 if _SECRET.search(env.get("name", "")) and "value" in env:
                     env["value"] = "[redacted]"
@@ -468,6 +533,10 @@ def load_config(paths: list[Path]) -> LoadResult:
     if fatal or (result.errors and not (result.plugins or result.gateways)):
         raise ConfigInvalid("\n".join(str(e) for e in result.errors))
     return result
+
+
+_FLAG_OF = {"listen": "--listen", "admin": "--admin", "clusters": "--upstream",
+            "routes": "--upstream", "accessLog": "--access-log-format"}
 
 
 def _now() -> float:

@@ -20,7 +20,9 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
+from ..api.gateway import redact_url
 from ..api.resources import FailStrategy as ApiFailStrategy
 from ..api.resources import WasmPlugin
 from ..chain import FailStrategy, PluginSlot, SlotStatus
@@ -42,12 +44,27 @@ _FAIL = {ApiFailStrategy.FAIL_CLOSE: FailStrategy.FAIL_CLOSE,
 
 
 def fingerprint(resource: WasmPlugin, env: dict[str, str]) -> str:
-    """Everything that, changed, needs a new plugin instance."""
+    """Everything that, changed, needs a new plugin instance: for a `file://` module also
+    the file's size and modification time, so a rebuilt module is picked up (the plugin
+    author's loop: build, and the gateway reloads it)."""
     spec = resource.spec
+    path = local_module(resource)
+    try:
+        stat = os.stat(path) if path is not None else None
+    except OSError:
+        stat = None
     blob = json.dumps([resource.resolved_url(), spec.sha256, resource.root_id,
                        resource.plugin_configuration_bytes().decode(), env,
-                       str(spec.fail_strategy)], sort_keys=True)
+                       str(spec.fail_strategy),
+                       (stat.st_size, stat.st_mtime_ns) if stat is not None else None],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def local_module(resource: WasmPlugin) -> str | None:
+    """The path of a `file://` module, else None."""
+    parts = urlsplit(resource.resolved_url())
+    return unquote(parts.path) if parts.scheme == "file" else None
 
 
 RETRY_BASE = 1.0
@@ -121,7 +138,8 @@ class PluginManager:
         resource = managed.resource
         data = self.fetcher.fetch_plugin(resource, ca_file=self.ca_file).wasm
         managed.sha256 = hashlib.sha256(data).hexdigest()
-        module = PluginModule(data, source=resource.resolved_url(), cache=self.compiled)
+        module = PluginModule(data, source=redact_url(resource.resolved_url()),
+                              cache=self.compiled)
         config = PluginConfig(name=resource.filter_name, root_id=resource.root_id,
                               configuration=resource.plugin_configuration_bytes(), env=env,
                               log_level=managed.log_level, limits=self.limits,

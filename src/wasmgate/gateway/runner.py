@@ -24,12 +24,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
 from .access_log import MAX_RELAYED_BATCH, AccessLogWriter, relay_batch
-from .app import ConfigInvalid, GatewayApp, load_config
+from .app import ConfigInvalid, GatewayApp
 from .shared_metrics import ProcessMetricStore
 from .shared_queues import ProcessSharedQueues
 from .shared_store import ProcessSharedData
@@ -46,6 +47,9 @@ def setup_logging(level: str, *, worker: bool = False) -> None:
     # here, trace included.
     logging.addLevelName(5, "TRACE")
     logging.getLogger("wasmgate.wasm").setLevel(1)
+    # httpx logs every request's full URL at INFO, credentials included (a module URL may
+    # carry them); wasmgate's fetch logs say what it fetched, redacted.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def _event_loop_policy() -> None:
@@ -109,6 +113,22 @@ def _worker(configs: list[Path], options: dict[str, object], index: int,
             metrics.unlink()
 
 
+def _listen_port_free(host: str, port: int) -> None:
+    """The workers bind with SO_REUSEPORT, which a second gateway started on the same port
+    (as the same user) would share silently, each getting part of the traffic. A bind without
+    it fails if anyone listens there: raise OSError (EADDRINUSE) then."""
+    if port == 0:
+        return
+    for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is fine)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from None
+
+
 def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -117,7 +137,7 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
                 admin: tuple[str, int] | None, upstream: str | None, workers: int,
                 log_level: str, access_log: bool | None = None,
                 access_log_format: str | None = None, cache_dir: Path | None = None,
-                ca_file: str | None = None) -> int:
+                ca_file: str | None = None, drain_seconds: float = 10.0) -> int:
     setup_logging(log_level)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the gateway reopens logs on it
     plugin_level = "warn" if log_level == "warning" else log_level
@@ -125,7 +145,8 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
         _event_loop_policy()
         app = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream,
                          cache_dir=cache_dir, plugin_log_level=plugin_level, ca_file=ca_file,
-                         access_log=access_log, access_log_format=access_log_format)
+                         access_log=access_log, access_log_format=access_log_format,
+                         drain_seconds=drain_seconds)
         try:
             asyncio.run(_serve(app))
         except ConfigInvalid as exc:
@@ -135,14 +156,20 @@ def run_gateway(configs: list[Path], *, listen: tuple[str, int] | None,
             logging.getLogger("wasmgate").error("cannot start: %s", exc)
             return 1
         return 0
+    options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
+               "access_log": access_log, "access_log_format": access_log_format,
+               "cache_dir": cache_dir, "ca_file": ca_file, "drain_seconds": drain_seconds}
     try:  # once, here, rather than N tracebacks from N workers
-        load_config(configs)
+        gateway = GatewayApp(configs, listen=listen, admin=admin, upstream=upstream,
+                             access_log=access_log,
+                             access_log_format=access_log_format).check_config()
+        _listen_port_free(gateway.spec.listen.host, gateway.spec.listen.port)
     except ConfigInvalid as exc:
         logging.getLogger("wasmgate").error("invalid configuration:\n%s", exc)
         return 2
-    options = {"listen": listen, "admin": admin, "upstream": upstream, "log_level": log_level,
-               "access_log": access_log, "access_log_format": access_log_format,
-               "cache_dir": cache_dir, "ca_file": ca_file}
+    except OSError as exc:
+        logging.getLogger("wasmgate").error("cannot start: %s", exc)
+        return 1
     try:
         shared_data = ProcessSharedData.create()
     except OSError as exc:  # e.g. NoSpace: /dev/shm too small for the tables
