@@ -62,6 +62,17 @@ def test_pull_an_http_url(run: Any, server: WasmServer, tmp_path: Path) -> None:
     assert server.hits["/m.wasm"] == 2
 
 
+def test_pull_a_local_file_says_where_it_is(run: Any, tmp_path: Path) -> None:
+    """A file:// module is read where it lies (never cached): the path shown is the file."""
+    module = tmp_path / "local.wasm"
+    module.write_bytes(WASM)
+    result = run("pull", f"file://{module}")
+    assert result.exit_code == 0, result.output
+    assert f"read file://{module}" in result.output
+    assert f"path:          {module}" in result.output
+    assert not (tmp_path / "c" / "modules").exists()
+
+
 def test_pull_failures(run: Any, server: WasmServer) -> None:
     missing = run("pull", server.url("/missing.wasm"))
     assert missing.exit_code == 1

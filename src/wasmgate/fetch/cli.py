@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import click
 from rich.console import Console
@@ -100,9 +101,13 @@ def pull(ref: str, cache_dir: Path | None, insecure: bool | None, ca_file: str |
     if output is not None:
         output.write_bytes(result.wasm)
     elapsed = time.monotonic() - started
-    where = fetcher.cache.module_path(result.module_sha256)
-    click.echo(f"{'cached' if result.source == 'cache' else 'pulled'} {redact_url(url)} "
-               f"({_size(len(result.wasm))}, {elapsed:.2f}s)")
+    if result.source == "file":  # local modules are read where they are, never cached
+        where = Path(unquote(urlsplit(url).path))
+        verb = "read"
+    else:
+        where = fetcher.cache.module_path(result.module_sha256)
+        verb = "cached" if result.source == "cache" else "pulled"
+    click.echo(f"{verb} {redact_url(url)} ({_size(len(result.wasm))}, {elapsed:.2f}s)")
     click.echo(f"  module sha256: {result.module_sha256}")
     if result.checksum != result.module_sha256:
         click.echo(f"  manifest:      sha256:{result.checksum}")
