@@ -232,3 +232,24 @@ def test_a_plugin_that_never_calls_proxy_done_is_closed_after_the_timeout(
                        for r in caplog.records)
 
     asyncio.run(main())
+
+
+def flush_then_trap(address: str) -> list[str]:
+    return ["done return 0",
+            f"done http_call s:{address} m::path=/fast&:method=GET&:authority=up s: null 10000",
+            "http_call_response trap"]
+
+
+def test_a_plugin_that_fails_while_finishing_is_freed_at_once(tmp_path: Path) -> None:
+    """It can never call proxy_done: no reason to keep its VM for the rest of done_timeout."""
+    async def main() -> None:
+        async with running(tmp_path, asyncio.Event(), flush_then_trap, done_timeout=30) as run:
+            await run.reload_to_two()
+            for _ in range(100):
+                if run.old.failed:
+                    break
+                await asyncio.sleep(0.02)
+            assert run.old.failed  # trapped in http_call_response
+            assert await closed_soon(run.old_vm), run.app.draining_statuses()
+
+    asyncio.run(main())

@@ -5,7 +5,9 @@ plugin replaced while it was loading) and `Plugin.restart` (FAIL_RELOAD)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from wasmgate.gateway import plugins as gateway_plugins
 from wasmgate.gateway.host import GatewayHost
 from wasmgate.gateway.plugins import PluginManager
 from wasmgate.gateway.upstream import UpstreamPools
-from wasmgate.runtime.errors import RuntimeFailure
+from wasmgate.runtime.errors import PluginFailed, RuntimeFailure
 from wasmgate.runtime.host import Host
 from wasmgate.runtime.module import PluginModule
 from wasmgate.runtime.plugin import Plugin, PluginConfig
@@ -178,7 +180,8 @@ def test_closing_frees_the_store_and_nothing_calls_in_afterwards() -> None:
     assert vm.closed and vm.memory_bytes() == 0
     with pytest.raises(ValueError, match="closed"):
         vm.store.ptr()  # the wasmtime Store (and its linear memory) is freed
-    assert vm.call("proxy_on_request_headers", stream.id, 0, 1) is None
+    with pytest.raises(PluginFailed, match="closed"):  # (not None: that would be Continue)
+        vm.call("proxy_on_request_headers", stream.id, 0, 1)
     stream.complete()  # a stream the closed plugin still held ends quietly
     assert plugin.active_streams == 0
 
@@ -229,3 +232,61 @@ def test_emulator_shutdown_of_a_plugin_that_is_done_at_once() -> None:
         assert emulator.shutdown() is True and emulator.finished
         entered = [line for line in emulator.logs() if line.startswith("enter ")]
         assert entered[-2:] == ["enter done 1", "enter delete 1"]  # on_done once
+
+
+def test_proxy_done_from_a_stream_context_is_not_found() -> None:
+    """proxy-wasm-cpp-host's done() looks the calling context up among the root contexts
+    waiting: from a stream it is NOT_FOUND, and nothing is ended under the stream."""
+    emu = Emulator(CONFORMANCE, plugin_config="done return 0\nresponse_headers done\n").start()
+    stream = emu.http_context()
+    stream.request_headers({":path": "/", ":method": "GET"}, True)
+    assert emu.shutdown() is False  # on_done false: waiting for proxy_done
+    stream.response_headers({":status": "200"}, True)
+    assert "conf response_headers done status=1" in emu.logs()
+    assert not emu.finished
+    stream.complete()
+    emu.close()
+
+
+def test_a_restarted_plugin_gets_on_done_again() -> None:
+    emu = Emulator(CONFORMANCE, plugin_config="").start()
+    assert emu.shutdown() is True  # on_done, on_delete, VM freed
+    emu.restart()  # a fresh VM from the same module
+    before = emu.logs().count("enter done 1")
+    emu.close()
+    assert emu.logs().count("enter done 1") == before + 1, emu.logs()[-4:]
+
+
+def test_no_result_is_delivered_while_the_plugin_is_still_starting() -> None:
+    """on_configure runs in a loader thread; an http_call it made must not be answered into
+    the same wasmtime Store from the event loop's thread before it returns (a Store is not
+    thread-safe): the answer waits until the plugin has started."""
+    async def main() -> tuple[list[tuple[float, str]], float]:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        host = GatewayHost(loop, UpstreamPools(), lambda name: ("127.0.0.1", port))
+        seen: list[tuple[float, str]] = []
+        host.log = lambda p, level, msg: seen.append(  # type: ignore[method-assign]
+            (time.monotonic(), msg))
+        steps = ("configure http_call s:up m::path=/&:method=GET&:authority=x s: null 5000\n"
+                 "configure loop\n")  # a configure that runs until its deadline
+        plugin = Plugin(PluginModule(CONFORMANCE.read_bytes(), source=str(CONFORMANCE)),
+                        PluginConfig(name="p", configuration=steps.encode(),
+                                     limits=Limits(startup_seconds=1.0)), host)
+        with contextlib.suppress(RuntimeFailure):
+            await loop.run_in_executor(None, plugin.start)
+        ended = time.monotonic()
+        server.close()
+        return seen, ended
+
+    seen, start_ended = asyncio.run(main())
+    early = [msg for at, msg in seen
+             if msg.startswith("enter http_call_response") and at < start_ended]
+    assert early == []

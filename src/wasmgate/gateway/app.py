@@ -97,6 +97,7 @@ class GatewayApp:
         # How long a retired plugin whose on_done returned false may take to call proxy_done
         # (proxy-wasm-cpp-host waits for ever; a plugin that never calls it would leak its VM).
         self.done_timeout = 30.0
+        self._done_timers: dict[int, asyncio.TimerHandle] = {}
         self._gateway_documented = False  # the files had a Gateway document at the last load
         self.plugins: PluginManager = None  # type: ignore[assignment]
 
@@ -195,6 +196,8 @@ class GatewayApp:
         fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)
         self.plugins = PluginManager(host, limits=limits, fetcher=fetcher,
                                      log_level=self.plugin_log_level, ca_file=self.ca_file)
+        crashed = host.on_crash
+        host.on_crash = lambda p, exc: self._crashed_while_draining(p) or crashed(p, exc)
         self._purger = loop.create_task(self._purge_periodically())
         managed = self.plugins.prepare(self._select(gateway, resources))  # type: ignore[arg-type]
         self.plugins.install(managed)
@@ -335,6 +338,7 @@ class GatewayApp:
                  plugin.describe(), self.done_timeout)
         timer = asyncio.get_running_loop().call_later(self.done_timeout, self._give_up, plugin)
         plugin.on_finished = lambda p: (timer.cancel(), self._closed(p))
+        self._done_timers[id(plugin)] = timer
 
     def _give_up(self, plugin: Plugin) -> None:
         if id(plugin) in self.draining:
@@ -343,7 +347,17 @@ class GatewayApp:
             _close_plugins([plugin], self.plugins.host)
             self._closed(plugin)
 
+    def _crashed_while_draining(self, plugin: Plugin) -> bool:
+        """A retired plugin that failed while finishing can never call proxy_done."""
+        timer = self._done_timers.pop(id(plugin), None)
+        if timer is None or id(plugin) not in self.draining:
+            return False
+        timer.cancel()
+        self._give_up(plugin)
+        return True
+
     def _closed(self, plugin: Plugin) -> None:
+        self._done_timers.pop(id(plugin), None)
         self.draining.pop(id(plugin), None)
         plugin.on_finished = None
         self.plugins.host.stop_plugin(plugin)  # (its tick and gRPC calls, if any)
@@ -415,6 +429,9 @@ class GatewayApp:
     def reopen_logs(self) -> list[str]:
         """Reopen every access log file by its path (log rotation); the paths reopened."""
         reopened = []
+        for writer in self._retired_writers:  # (dropped paths, still logging their requests)
+            if not writer.closing:
+                writer.reopen()
         for path, writer in self._access_writers.items():
             writer.reopen()
             if writer.owns_file:

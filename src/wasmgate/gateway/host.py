@@ -30,7 +30,7 @@ from ..runtime.host import (
     python_level,
 )
 from ..runtime.metrics import MetricStore
-from ..runtime.plugin import Plugin
+from ..runtime.plugin import Plugin, PluginState
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import WasmVM
 from .http1 import InvalidHead, choose_framing, header_value, request_head, strip_hop_by_hop
@@ -116,6 +116,9 @@ class GatewayHost(Host):
         self._timers.pop(id(plugin), None)
         if plugin.vm is None or plugin.failed:
             return
+        if plugin.state is PluginState.CREATED:  # (as in _deliver: configure still running)
+            self._arm_tick(plugin, 10)
+            return
         try:
             plugin.tick()
         except RuntimeFailure as exc:
@@ -145,6 +148,9 @@ class GatewayHost(Host):
             self._on_loop(lambda: self.loop.call_soon(self._deliver_queue, plugin, token))
 
     def _deliver_queue(self, plugin: Plugin, token: int) -> None:
+        if plugin.state is PluginState.CREATED:  # (as in _deliver: configure still running)
+            self.loop.call_later(0.01, self._deliver_queue, plugin, token)
+            return
         if plugin.vm is not None and not plugin.failed:
             try:
                 plugin.deliver_queue_ready(token)
@@ -264,6 +270,9 @@ class GatewayHost(Host):
                 log.debug("%s: a result for its previous VM dropped", plugin.describe())
             return
         if current is None or plugin.failed:
+            return
+        if plugin.state is PluginState.CREATED:  # still in on_configure, in a loader thread:
+            self.loop.call_later(0.01, self._deliver, plugin, vm, action)  # one Store, one thread
             return
         try:
             action()

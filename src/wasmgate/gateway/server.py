@@ -818,6 +818,8 @@ class Exchange:
         except (OSError, TimeoutError) as exc:
             log.debug("connect to %s failed: %s", pool.endpoint, exc)
             self.state.stats.upstream_connect_failures += 1
+            if self._finished or self._no_upstream:  # the exchange ended meanwhile
+                return
             self.on_upstream_error("upstream_reset_before_response_started{connection_failure}",
                                    503)
             return
@@ -1020,7 +1022,7 @@ class Exchange:
             self._finish()
 
     def _finish(self) -> None:
-        if self.response_done:
+        if self.response_done or self._finished:  # (aborted already: logged once)
             return
         self.response_done = True
         self._finished = True

@@ -112,6 +112,7 @@ class Plugin:
         """Create the VM and run vm_start and configure. Raises on any failure."""
         self.vm = vm = WasmVM(self.module, self, self.config.limits)
         self.state = PluginState.CREATED
+        self._done_called = False
         vm.in_vm_start_or_configure = True
         try:
             self._initialize(vm)

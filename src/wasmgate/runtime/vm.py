@@ -196,6 +196,8 @@ class WasmVM:
         """Call export `name` (absent -> None). Raises PluginTrap / PluginFailed."""
         fn = self.exports.get(name)
         if fn is None:
+            if self.closed:
+                raise PluginFailed(f"plugin {self.plugin.name!r}: its VM was closed")
             return None
         if self.failed is not None:
             raise PluginFailed(f"plugin {self.plugin.name!r} has failed: {self.failed.message}")

@@ -42,7 +42,7 @@ def proxy_done(vm: WasmVM) -> int:
     """After on_done returned false (`Plugin.finish`): the plugin is done; on_delete and
     the VM's end follow once this call returns (as proxy-wasm-cpp-host defers them)."""
     root = vm.plugin.root
-    if not root.done_pending:
+    if not root.done_pending or vm.context() is not root:  # (cpp-host: the caller's own)
         return Status.NOT_FOUND
     root.done_pending = False
     vm.defer(vm.plugin.proxy_done)
