@@ -250,7 +250,7 @@ def validate(configs: tuple[Path, ...], as_json: bool) -> None:
 
     from .api.gateway import Gateway, GatewayMeta
     from .api.loading import load_paths
-    from .api.ordering import select_for_gateway
+    from .api.ordering import select_for_gateway, why_not_selected
 
     result = load_paths(list(configs))
     ours = (None, "WasmPlugin", "Gateway")
@@ -272,9 +272,19 @@ def validate(configs: tuple[Path, ...], as_json: bool) -> None:
                    "priority": p.spec.priority, "failStrategy": p.spec.fail_strategy.value,
                    "url": p.spec.url} for p in chain],
         "not_selected": sorted(p.filter_name for p in result.plugins if p not in chain),
+        "why_not_selected": {p.filter_name: why_not_selected(p, gateway)
+                             for p in result.plugins if p not in chain},
         "skipped": skipped, "errors": errors}
+    if any(e.kind in (None, "Gateway") for e in result.errors):
+        # The chain depends on the Gateway document (its labels, namespace, port): none to show.
+        report.update(gateway=None, listen=None, labels=None, namespace=None, routes=[],
+                      access_log=None, chain=[], not_selected=[], why_not_selected={})
     if as_json:
         click.echo(json.dumps(report, indent=2))
+    elif report["gateway"] is None:
+        click.echo("no chain: the Gateway document has errors")
+        for item in errors:
+            click.echo(f"  {item}")
     else:
         click.echo(f"gateway {report['gateway']}: listen {report['listen']}, "
                    f"{len(spec.clusters)} cluster(s), {len(spec.routes)} route(s), access log "
@@ -287,8 +297,10 @@ def validate(configs: tuple[Path, ...], as_json: bool) -> None:
                        f"{p['failStrategy']}  {p['url']}")
         if not chain:
             click.echo("  (no plugin)")
-        for title, items in (("not selected", report["not_selected"]), ("skipped", skipped),
-                             ("errors", errors)):
+        why = report["why_not_selected"]
+        for title, items in (("not selected", [f"{n}: {why[n]}"  # type: ignore[index]
+                                               for n in report["not_selected"]]),  # type: ignore
+                             ("skipped", skipped), ("errors", errors)):
             if items:
                 click.echo(f"{title}:")
                 for item in items:  # type: ignore[attr-defined]

@@ -46,11 +46,14 @@ def test_the_chain_in_istio_order(tmp_path: Path) -> None:
         ("default.authn", "AUTHN", 5), ("default.unset", "AUTHN", None),
         ("default.stats", "STATS", None)]
     assert report["not_selected"] == ["default.web"]
+    assert "selector or targetRefs do not take gateway edge" in (
+        report["why_not_selected"]["default.web"])
     assert len(report["skipped"]) == 1 and "not a wasmgate resource" in report["skipped"][0]
     assert report["errors"] == []
     code, out = validate(tmp_path, text)
     assert code == 0
     assert "  1. default.authn  AUTHN  priority 5  FAIL_OPEN  file:///authn.wasm" in out
+    assert "  default.web: its namespace, selector or targetRefs do not take gateway" in out
 
 
 def test_errors_exit_2_naming_file_document_and_field(tmp_path: Path) -> None:
@@ -60,6 +63,8 @@ def test_errors_exit_2_naming_file_document_and_field(tmp_path: Path) -> None:
     assert code == 2
     assert "document 1 (Gateway edge): spec.accessLog.format: %NOPE%" in out
     assert "document 3 (WasmPlugin default/bad): spec.phase" in out
+    # no chain made up from a default Gateway: it depends on the broken document
+    assert "no chain: the Gateway document has errors" in out and "chain (Istio" not in out
 
 
 def test_a_configuration_with_nothing_of_ours_is_refused_as_run_refuses_it(

@@ -175,6 +175,20 @@ def select_for_gateway(
     )
 
 
+def why_not_selected(plugin: WasmPlugin, gateway: Gateway) -> str:
+    """Why :func:`select_for_gateway` leaves `plugin` out (the first reason found)."""
+    spec = gateway.spec
+    if not attaches(plugin, gateway.workload_labels, spec.namespace, spec.root_namespace):
+        return (f"its namespace, selector or targetRefs do not take gateway {gateway.name} "
+                f"(labels {dict(gateway.workload_labels)}, namespace {spec.namespace})")
+    if not matches_type(plugin, "HTTP"):
+        return "type NETWORK: wasmgate runs HTTP plugins"
+    if not matches_listener(plugin, "CLIENT", spec.listen.port):
+        return (f"its match (mode/ports) does not take this gateway's listener (CLIENT, "
+                f"port {spec.listen.port})")
+    return "selected"
+
+
 __all__ = [
     "PHASE_ORDER",
     "ChainType",
@@ -186,4 +200,5 @@ __all__ = [
     "phase_buckets",
     "select_for_gateway",
     "select_plugins",
+    "why_not_selected",
 ]

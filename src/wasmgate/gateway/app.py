@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ..api.access_log import parse_json_format
 from ..api.gateway import Gateway, GatewayMeta, GatewaySpec, redact_url
 from ..api.loading import LoadResult, config_files, load_paths
-from ..api.ordering import select_for_gateway
+from ..api.ordering import select_for_gateway, why_not_selected
 from ..chain import FilterChain
 from ..fetch.cache import ModuleCache
 from ..fetch.fetcher import ModuleFetcher
@@ -170,11 +170,11 @@ class GatewayApp:
     def _select(self, gateway: Gateway, plugins: list[object]) -> list[object]:
         chosen = list(select_for_gateway(plugins, gateway))  # type: ignore[arg-type]
         ids = {id(p) for p in chosen}
-        left = sorted(f"{p.namespace}/{p.name}" for p in plugins  # type: ignore[attr-defined]
-                      if id(p) not in ids)
-        if left:  # (a selector, targetRefs, match or type that is not this gateway's)
-            log.warning("WasmPlugin(s) not selected by gateway %s: %s (`wasmgate validate` "
-                        "shows the chain)", gateway.metadata.name, ", ".join(left))
+        for plugin in plugins:
+            if id(plugin) not in ids:
+                log.warning("WasmPlugin %s/%s not selected: %s",
+                            plugin.namespace, plugin.name,  # type: ignore[attr-defined]
+                            why_not_selected(plugin, gateway))  # type: ignore[arg-type]
         return chosen
 
     # -- lifecycle ---------------------------------------------------------------------------
