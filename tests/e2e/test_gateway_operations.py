@@ -244,3 +244,28 @@ def test_the_drain_time_is_a_flag_and_the_drain_is_logged(tmp_path: Path) -> Non
             upstream.close()
 
     asyncio.run(main())
+
+
+def test_a_refused_new_version_is_not_fetched_again_behind_the_running_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload whose new module cannot be fetched keeps the running version; the refused
+    candidate must not go on retrying (and, once a retry succeeded, start a VM nobody uses)."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("WASM_HTTP_REQUEST_MAX_RETRIES", "1")
+
+    async def main() -> None:
+        (tmp_path / "gateway.yaml").write_text(gateway_doc(
+            "127.0.0.1:1", extra="  listen: 127.0.0.1:0\n  admin: 127.0.0.1:0\n"))
+        plugin_yaml = tmp_path / "example.yaml"
+        plugin_yaml.write_text(example_doc(f"file://{EXAMPLE}"))
+        async with gateway_in(tmp_path, reload_interval=0) as app:
+            plugin_yaml.write_text(example_doc(f"http://127.0.0.1:{free_port()}/gone.wasm"))
+            assert await app.reload()
+            assert app.plugin_statuses()[0]["reload_error"]
+            assert app.plugin_statuses()[0]["status"] == "ready"  # the running version
+            await asyncio.sleep(3.5)  # retries would come after 1 s, then 2 s
+
+    asyncio.run(main())
+    failures = [r for r in caplog.records if "failed to load" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in failures]

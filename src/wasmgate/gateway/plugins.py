@@ -209,6 +209,7 @@ class PluginManager:
                 self.errors[name] = candidate.slot.error or "failed"
                 log.error("plugin %s: new version refused, keeping the running one: %s", name,
                           candidate.slot.error)
+                candidate.retired = True  # no fetch retries for a version never installed
                 chosen.append(old)
             else:
                 chosen.append(candidate)
