@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,6 +81,27 @@ async def abandon(listen: int, path: str) -> None:
     await asyncio.sleep(0.6)  # past the 300 ms connect timeout
 
 
+async def long_request_across_a_log_drop(
+        app: GatewayApp, config: Path, ports: tuple[int, int, int], release: asyncio.Event,
+        then: Callable[[], None] | None = None) -> None:
+    """GET /long; while the upstream holds it, a reload drops the access log (then `then`);
+    the answer comes, whole."""
+    listen, hole, slow_port = ports
+    reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+    writer.write(b"GET /long HTTP/1.1\r\nhost: h\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    config.write_text(doc(listen, hole, slow_port, None))
+    assert await app.reload()
+    if then is not None:
+        then()
+    release.set()
+    head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    await asyncio.sleep(0.2)
+
+
 def test_an_abandoned_request_is_logged_once_and_a_dropped_log_still_gets_later_lines(
         tmp_path: Path) -> None:
     access, config = tmp_path / "access.log", tmp_path / "gateway.yaml"
@@ -96,17 +117,8 @@ def test_an_abandoned_request_is_logged_once_and_a_dropped_log_still_gets_later_
             await app.start()
             try:
                 await abandon(listen, "/hole")
-                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-                writer.write(b"GET /long HTTP/1.1\r\nhost: h\r\n\r\n")
-                await writer.drain()
-                await asyncio.sleep(0.1)
-                config.write_text(doc(listen, hole, slow_port, None))  # the log path goes
-                assert await app.reload()
-                release.set()
-                head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
-                assert head.startswith(b"HTTP/1.1 200")
-                writer.close()
-                await asyncio.sleep(0.2)
+                await long_request_across_a_log_drop(app, config, (listen, hole, slow_port),
+                                                     release)
             finally:
                 await app.stop()
                 slow.close()
@@ -158,18 +170,12 @@ def test_log_rotation_reaches_a_path_a_reload_dropped(tmp_path: Path) -> None:
         app = GatewayApp([config], drain_seconds=0.2, reload_interval=0)
         await app.start()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-            writer.write(b"GET /long HTTP/1.1\r\nhost: h\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.1)
-            config.write_text(doc(listen, 1, slow_port, None))
-            assert await app.reload()
-            access.rename(tmp_path / "access.log.1")  # logrotate
-            app.reopen_logs()
-            release.set()
-            await asyncio.wait_for(reader.readuntil(b"ok"), 5)
-            writer.close()
-            await asyncio.sleep(0.2)
+            def rotate() -> None:  # (what logrotate and SIGUSR1 do)
+                access.rename(tmp_path / "access.log.1")
+                app.reopen_logs()
+
+            await long_request_across_a_log_drop(app, config, (listen, 1, slow_port), release,
+                                                 then=rotate)
         finally:
             await app.stop()
             slow.close()
