@@ -28,6 +28,7 @@ class Plugin:
     """Stands in for a started Plugin: records what the host delivers, and to which VM."""
 
     failed = False
+    starting = False
 
     def __init__(self) -> None:
         self.vm = new_vm()

@@ -27,6 +27,7 @@ class FakePlugin:
 
     vm = object()
     failed = False
+    starting = False
 
     def __init__(self) -> None:
         self.delivered: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()

@@ -30,7 +30,7 @@ from ..runtime.host import (
     python_level,
 )
 from ..runtime.metrics import MetricStore
-from ..runtime.plugin import Plugin, PluginState
+from ..runtime.plugin import Plugin
 from ..runtime.shared import SharedDataStore, SharedQueueStore
 from ..runtime.vm import WasmVM
 from .http1 import InvalidHead, choose_framing, header_value, request_head, strip_hop_by_hop
@@ -116,7 +116,7 @@ class GatewayHost(Host):
         self._timers.pop(id(plugin), None)
         if plugin.vm is None or plugin.failed:
             return
-        if plugin.state is PluginState.CREATED:  # (as in _deliver: configure still running)
+        if plugin.starting:  # (as in _deliver: configure still running)
             self._arm_tick(plugin, 10)
             return
         try:
@@ -148,7 +148,7 @@ class GatewayHost(Host):
             self._on_loop(lambda: self.loop.call_soon(self._deliver_queue, plugin, token))
 
     def _deliver_queue(self, plugin: Plugin, token: int) -> None:
-        if plugin.state is PluginState.CREATED:  # (as in _deliver: configure still running)
+        if plugin.starting:  # (as in _deliver: configure still running)
             self.loop.call_later(0.01, self._deliver_queue, plugin, token)
             return
         if plugin.vm is not None and not plugin.failed:
@@ -271,7 +271,7 @@ class GatewayHost(Host):
             return
         if current is None or plugin.failed:
             return
-        if plugin.state is PluginState.CREATED:  # still in on_configure, in a loader thread:
+        if plugin.starting:  # still in on_configure, maybe in a loader thread:
             self.loop.call_later(0.01, self._deliver, plugin, vm, action)  # one Store, one thread
             return
         try:

@@ -185,6 +185,13 @@ class Plugin:
         self.failure = why
 
     @property
+    def starting(self) -> bool:
+        """Inside start() (vm_start, configure): maybe in another thread than the embedder's
+        loop, so nothing else may call into the VM now."""
+        vm = self.vm
+        return vm is not None and vm.in_vm_start_or_configure
+
+    @property
     def failed(self) -> bool:
         return self.state == PluginState.FAILED
 
