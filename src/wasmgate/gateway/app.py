@@ -93,11 +93,9 @@ class GatewayApp:
         self._generation = 0
         self._invalid_plugins: set[str] = set()  # namespace/name of WasmPlugins that failed
         self._stopping = asyncio.Event()
-        self.draining: dict[int, Plugin] = {}  # retired plugins whose streams still run
         # How long a retired plugin whose on_done returned false may take to call proxy_done
-        # (proxy-wasm-cpp-host waits for ever; a plugin that never calls it would leak its VM).
+        # (PluginManager.retire).
         self.done_timeout = 30.0
-        self._done_timers: dict[int, asyncio.TimerHandle] = {}
         self._gateway_documented = False  # the files had a Gateway document at the last load
         self.plugins: PluginManager = None  # type: ignore[assignment]
 
@@ -195,9 +193,8 @@ class GatewayApp:
         limits = _limits(gateway.spec)
         fetcher = ModuleFetcher(ModuleCache(self.cache_dir) if self.cache_dir else None)
         self.plugins = PluginManager(host, limits=limits, fetcher=fetcher,
-                                     log_level=self.plugin_log_level, ca_file=self.ca_file)
-        crashed = host.on_crash
-        host.on_crash = lambda p, exc: self._crashed_while_draining(p) or crashed(p, exc)
+                                     log_level=self.plugin_log_level, ca_file=self.ca_file,
+                                     done_timeout=self.done_timeout)
         self._purger = loop.create_task(self._purge_periodically())
         managed = self.plugins.prepare(self._select(gateway, resources))  # type: ignore[arg-type]
         self.plugins.install(managed)
@@ -294,7 +291,7 @@ class GatewayApp:
         self._swap(router, chosen, access_log)
         self.stats.reloads += 1
         for plugin in retired:
-            self._retire(plugin)
+            self.plugins.retire(plugin)
         self._retired_writers = {w for w in self._retired_writers if not w.closing}
         in_use = {gateway.spec.access_log.path} if gateway.spec.access_log else set()
         for path in [p for p in self._access_writers if p not in in_use]:
@@ -306,61 +303,6 @@ class GatewayApp:
         log.info("configuration reloaded (generation %d, %d plugin(s))", self._generation,
                  len(chosen))
         return True
-
-    def _retire(self, plugin: Plugin) -> None:
-        """A plugin the configuration replaced or dropped: closed (its VM freed) once the
-        last stream using it completes, however long that stream runs (an SSE answer may
-        take minutes), as Envoy keeps a replaced VM while a stream holds it."""
-        self.draining[id(plugin)] = plugin
-        if plugin.active_streams == 0:
-            self._close_retired(plugin)
-            return
-        loop = asyncio.get_running_loop()
-        plugin.on_idle = lambda p: loop.call_soon(self._close_retired, p)
-        log.debug("plugin %s retired: closed when its %d stream(s) end", plugin.describe(),
-                  plugin.active_streams)
-
-    def _close_retired(self, plugin: Plugin) -> None:
-        """Its last stream ended: on_done, and on_delete unless the plugin asked to finish
-        some work first (on_done false); then it has `done_timeout` s to call proxy_done."""
-        if id(plugin) not in self.draining:
-            return
-        plugin.on_idle = None
-        try:
-            finished = plugin.finish()
-        except Exception as exc:  # closing must never take the gateway down
-            log.warning("closing plugin %s: %s", plugin.describe(), exc)
-            finished = True
-        if finished:
-            self._closed(plugin)
-            return
-        log.info("plugin %s: on_done returned false: waiting up to %g s for proxy_done",
-                 plugin.describe(), self.done_timeout)
-        timer = asyncio.get_running_loop().call_later(self.done_timeout, self._give_up, plugin)
-        plugin.on_finished = lambda p: (timer.cancel(), self._closed(p))
-        self._done_timers[id(plugin)] = timer
-
-    def _give_up(self, plugin: Plugin) -> None:
-        if id(plugin) in self.draining:
-            log.warning("plugin %s did not call proxy_done within %g s: closed",
-                        plugin.describe(), self.done_timeout)
-            _close_plugins([plugin], self.plugins.host)
-            self._closed(plugin)
-
-    def _crashed_while_draining(self, plugin: Plugin) -> bool:
-        """A retired plugin that failed while finishing can never call proxy_done."""
-        timer = self._done_timers.pop(id(plugin), None)
-        if timer is None or id(plugin) not in self.draining:
-            return False
-        timer.cancel()
-        self._give_up(plugin)
-        return True
-
-    def _closed(self, plugin: Plugin) -> None:
-        self._done_timers.pop(id(plugin), None)
-        self.draining.pop(id(plugin), None)
-        plugin.on_finished = None
-        self.plugins.host.stop_plugin(plugin)  # (its tick and gRPC calls, if any)
 
     def _still_running(self, resources: list[object]) -> list[object]:
         """Running plugins whose document is now invalid keep running in their last valid
@@ -475,9 +417,8 @@ class GatewayApp:
                 await self.plugins.host._grpc.aclose()
         if self.plugins is not None:
             _close_plugins([m.slot.plugin for m in self.plugins.managed.values()
-                            if m.slot.plugin is not None] + list(self.draining.values()),
-                           self.plugins.host)
-            self.draining.clear()
+                            if m.slot.plugin is not None], self.plugins.host)
+            self.plugins.close_draining()
             self.plugins.shutdown()
         if getattr(self, "_redis_shared", None) is not None:
             self._redis_shared.close()
@@ -504,10 +445,7 @@ class GatewayApp:
         return out
 
     def draining_statuses(self) -> list[dict[str, object]]:
-        """Plugins a reload replaced whose streams are still running (their VMs live on)."""
-        return [{"name": p.name, "streams": p.active_streams, "memory_bytes": p.memory_bytes(),
-                 "waiting_for_proxy_done": p.root.done_pending}
-                for p in self.draining.values()]
+        return self.plugins.draining_statuses() if self.plugins is not None else []
 
     def config_dump(self) -> dict[str, object]:
         gateway = self.gateway

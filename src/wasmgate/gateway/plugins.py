@@ -89,7 +89,8 @@ class PluginManager:
     def __init__(self, host: GatewayHost, *, limits: Limits | None = None,
                  properties: dict[str, object] | None = None, workers: int = 2,
                  fetcher: ModuleFetcher | None = None,
-                 log_level: LogLevel = LogLevel.INFO, ca_file: str | None = None) -> None:
+                 log_level: LogLevel = LogLevel.INFO, ca_file: str | None = None,
+                 done_timeout: float = 30.0) -> None:
         self.ca_file = ca_file
         self.host = host
         self.fetcher = fetcher or ModuleFetcher()
@@ -102,6 +103,13 @@ class PluginManager:
         self.errors: dict[str, str] = {}  # filter name -> why its new version was refused
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wasmgate-load")
         host.on_crash = self._on_crash
+        # Plugins a reload replaced or dropped, still running streams or finishing (retire);
+        # `done_timeout`: how long one whose on_done returned false may take to call
+        # proxy_done (proxy-wasm-cpp-host waits for ever: a plugin that never calls it would
+        # keep its VM).
+        self.draining: dict[int, Plugin] = {}
+        self.done_timeout = done_timeout
+        self._done_timers: dict[int, asyncio.TimerHandle] = {}
 
     def prepare(self, resources: list[WasmPlugin]) -> list[ManagedSlot]:
         """Slots for `resources` in order: reused when unchanged, else new and loading."""
@@ -234,7 +242,71 @@ class PluginManager:
                 changed.append(managed.slot.name)
         return changed
 
+    # -- retired plugins ---------------------------------------------------------------------
+    def retire(self, plugin: Plugin) -> None:
+        """A plugin the configuration replaced or dropped: finished (its VM freed) once the
+        last stream using it completes, however long that stream runs (an SSE answer may
+        take minutes), as Envoy keeps a replaced VM while a stream holds it."""
+        self.draining[id(plugin)] = plugin
+        if plugin.active_streams == 0:
+            self._finish(plugin)
+            return
+        loop = asyncio.get_running_loop()
+        plugin.on_idle = lambda p: loop.call_soon(self._finish, p)
+        log.debug("plugin %s retired: closed when its %d stream(s) end", plugin.describe(),
+                  plugin.active_streams)
+
+    def _finish(self, plugin: Plugin) -> None:
+        """Its last stream ended: on_done, and on_delete unless the plugin asked to end some
+        work first (on_done false); then it has `done_timeout` s to call proxy_done."""
+        if id(plugin) not in self.draining:
+            return
+        plugin.on_idle = None
+        try:
+            finished = plugin.finish()
+        except Exception as exc:  # closing must never take the gateway down
+            log.warning("closing plugin %s: %s", plugin.describe(), exc)
+            finished = True
+        if finished:
+            self._finished(plugin)
+            return
+        log.info("plugin %s: on_done returned false: waiting up to %g s for proxy_done",
+                 plugin.describe(), self.done_timeout)
+        self._done_timers[id(plugin)] = asyncio.get_running_loop().call_later(
+            self.done_timeout, self._give_up, plugin)
+        plugin.on_finished = self._finished
+
+    def _give_up(self, plugin: Plugin) -> None:
+        if id(plugin) in self.draining:
+            log.warning("plugin %s did not call proxy_done within %g s: closed",
+                        plugin.describe(), self.done_timeout)
+            self._discard(plugin)
+            self._finished(plugin)
+
+    def _finished(self, plugin: Plugin) -> None:
+        timer = self._done_timers.pop(id(plugin), None)
+        if timer is not None:
+            timer.cancel()
+        self.draining.pop(id(plugin), None)
+        plugin.on_finished = None
+        self.host.stop_plugin(plugin)  # (its tick and gRPC calls, if any)
+
+    def draining_statuses(self) -> list[dict[str, object]]:
+        """Retired plugins still alive: running streams, or waiting for proxy_done."""
+        return [{"name": p.name, "streams": p.active_streams, "memory_bytes": p.memory_bytes(),
+                 "waiting_for_proxy_done": p.root.done_pending}
+                for p in self.draining.values()]
+
+    def close_draining(self) -> None:
+        """Shutdown: whatever is still draining is closed now."""
+        for plugin in list(self.draining.values()):
+            self._discard(plugin)
+            self._finished(plugin)
+
     def _on_crash(self, plugin: Plugin, exc: Exception) -> None:
+        if id(plugin) in self._done_timers:  # failed while finishing: no proxy_done can come
+            self._give_up(plugin)
+            return
         for managed in self.managed.values():
             if managed.slot.plugin is plugin:
                 managed.slot.on_crash(str(exc))
