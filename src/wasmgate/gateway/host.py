@@ -116,7 +116,7 @@ class GatewayHost(Host):
         self._timers.pop(id(plugin), None)
         if plugin.vm is None or plugin.failed:
             return
-        if plugin.starting:  # (as in _deliver: configure still running)
+        if plugin.starting:  # (see _held_while_starting; re-armed, so stop_plugin cancels it)
             self._arm_tick(plugin, 10)
             return
         try:
@@ -148,8 +148,7 @@ class GatewayHost(Host):
             self._on_loop(lambda: self.loop.call_soon(self._deliver_queue, plugin, token))
 
     def _deliver_queue(self, plugin: Plugin, token: int) -> None:
-        if plugin.starting:  # (as in _deliver: configure still running)
-            self.loop.call_later(0.01, self._deliver_queue, plugin, token)
+        if self._held_while_starting(plugin, lambda: self._deliver_queue(plugin, token)):
             return
         if plugin.vm is not None and not plugin.failed:
             try:
@@ -260,6 +259,15 @@ class GatewayHost(Host):
         self._deliver(plugin, vm, lambda: plugin.deliver_http_call_response(
             token, pairs, body, []))
 
+    def _held_while_starting(self, plugin: Plugin, again: Callable[[], None]) -> bool:
+        """A plugin inside start() (on_configure, perhaps in a loader thread) is not called
+        into from the loop meanwhile: one wasmtime Store, one thread. `again` runs 10 ms
+        later instead (True), until it has started."""
+        if not plugin.starting:
+            return False
+        self.loop.call_later(0.01, again)
+        return True
+
     def _deliver(self, plugin: Plugin, vm: WasmVM | None, action: Callable[[], None]) -> None:
         """Run a result's callback, unless the VM that made the call is gone: a plugin that
         was stopped, crashed, or restarted on a fresh VM (whose tokens start again at 1, so an
@@ -271,8 +279,7 @@ class GatewayHost(Host):
             return
         if current is None or plugin.failed:
             return
-        if plugin.starting:  # still in on_configure, maybe in a loader thread:
-            self.loop.call_later(0.01, self._deliver, plugin, vm, action)  # one Store, one thread
+        if self._held_while_starting(plugin, lambda: self._deliver(plugin, vm, action)):
             return
         try:
             action()

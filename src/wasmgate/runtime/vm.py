@@ -369,7 +369,7 @@ class WasmVM:
         """Free the Store now: its linear memory (megabytes for a Go plugin) and instance.
         Left to the cyclic gc (the VM, its host functions and its plugin refer to each
         other), every reload would keep the old VM's memory until a full collection. No
-        guest call can follow: the exports are gone, so `call` finds nothing to call."""
+        guest call can follow: the exports are gone, and `call` raises PluginFailed."""
         if self.closed:
             return
         if self._depth:  # asked from inside one of its own calls: once that call returns
