@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,26 +102,34 @@ async def long_request_across_a_log_drop(
     await asyncio.sleep(0.2)
 
 
+@asynccontextmanager
+async def logging_gateway(config: Path, access: Path,
+                          hole: int = 1) -> AsyncIterator[tuple[GatewayApp, tuple[int, int, int],
+                                                                asyncio.Event]]:
+    """The gateway in process, its access log at `access`, in front of an upstream that
+    answers when the event is set (and of `hole`); stopped at the end."""
+    release = asyncio.Event()
+    slow = await answer_when(release)
+    ports = (free_port(), hole, slow.sockets[0].getsockname()[1])
+    config.write_text(doc(*ports, access))
+    app = GatewayApp([config], drain_seconds=0.2, reload_interval=0)
+    await app.start()
+    try:
+        yield app, ports, release
+    finally:
+        await app.stop()
+        slow.close()
+
+
 def test_an_abandoned_request_is_logged_once_and_a_dropped_log_still_gets_later_lines(
         tmp_path: Path) -> None:
     access, config = tmp_path / "access.log", tmp_path / "gateway.yaml"
 
     async def main() -> None:
-        release = asyncio.Event()
-        slow = await answer_when(release)
-        slow_port = slow.sockets[0].getsockname()[1]
-        listen = free_port()
         with black_hole() as hole:
-            config.write_text(doc(listen, hole, slow_port, access))
-            app = GatewayApp([config], drain_seconds=0.2, reload_interval=0)
-            await app.start()
-            try:
-                await abandon(listen, "/hole")
-                await long_request_across_a_log_drop(app, config, (listen, hole, slow_port),
-                                                     release)
-            finally:
-                await app.stop()
-                slow.close()
+            async with logging_gateway(config, access, hole) as (app, ports, release):
+                await abandon(ports[0], "/hole")
+                await long_request_across_a_log_drop(app, config, ports, release)
 
     asyncio.run(main())
     lines = access.read_text().splitlines()
@@ -162,23 +170,12 @@ def test_log_rotation_reaches_a_path_a_reload_dropped(tmp_path: Path) -> None:
     access, config = tmp_path / "access.log", tmp_path / "gateway.yaml"
 
     async def main() -> None:
-        release = asyncio.Event()
-        slow = await answer_when(release)
-        slow_port = slow.sockets[0].getsockname()[1]
-        listen = free_port()
-        config.write_text(doc(listen, 1, slow_port, access))
-        app = GatewayApp([config], drain_seconds=0.2, reload_interval=0)
-        await app.start()
-        try:
+        async with logging_gateway(config, access) as (app, ports, release):
             def rotate() -> None:  # (what logrotate and SIGUSR1 do)
                 access.rename(tmp_path / "access.log.1")
                 app.reopen_logs()
 
-            await long_request_across_a_log_drop(app, config, (listen, 1, slow_port), release,
-                                                 then=rotate)
-        finally:
-            await app.stop()
-            slow.close()
+            await long_request_across_a_log_drop(app, config, ports, release, then=rotate)
 
     asyncio.run(main())
     assert access.read_text() == "/long 200\n"
